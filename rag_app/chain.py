@@ -1,0 +1,144 @@
+"""The retrieval chain, composed of LangChain runnables:
+
+    {"question", options} -> +docs (retriever) -> +messages (prompt) -> +answer (chat model)
+
+`.stream()` yields the sources before the first answer token. `RagChain.answer()` and
+`RagChain.stream_events()` add citations and timings on top.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.documents import Document
+from langchain_core.messages import AIMessageChunk
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda, RunnablePassthrough
+
+from rag_app.chat_model import LocalChatModel, generation_options
+from rag_app.prompt import NOT_FOUND, build_messages, fit_sources, parse_citations
+from rag_app.retriever import LanceRetriever
+
+RETRIEVAL_KEYS = ("k", "mode", "min_similarity", "source", "collection")
+
+
+@dataclass
+class RagAnswer:
+    question: str
+    answer: str
+    sources: list[Document]
+    cited: list[int]
+    found: bool
+    metadata: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        meta = self.metadata
+        return {
+            "question": self.question, "query": self.question, "answer": self.answer,
+            "found": self.found, "sources": [source_json(n, d) for n, d in
+                                             enumerate(self.sources, 1)],
+            "cited": self.cited, "model": meta.get("model_name"), "device": meta.get("device"),
+            "dtype": meta.get("dtype"), "timings": self.timings,
+            "tokens": [{"text": t["text"], "prob": t["prob"]} for t in meta.get("tokens", [])],
+            "mean_logprob": meta.get("mean_logprob"),
+        }
+
+
+def source_json(n: int, doc: Document) -> dict[str, Any]:
+    m = doc.metadata
+    return {"n": n, "source": m.get("source"), "page": m.get("page"), "text": doc.page_content,
+            "score": m.get("score"), "similarity": m.get("similarity"),
+            "heading": m.get("heading"), "title": m.get("title"),
+            "chunk_index": m.get("chunk_index")}
+
+
+class RagChain:
+    """Retriever + prompt + chat model, with the prompt fitted to the model's context."""
+
+    def __init__(self, retriever: LanceRetriever, chat_model: LocalChatModel) -> None:
+        self.retriever = retriever
+        self.chat_model = chat_model
+        self.runnable: Runnable = (
+            RunnablePassthrough.assign(docs=RunnableLambda(self._retrieve, name="retrieve"))
+            .assign(docs=RunnableLambda(self._fit, name="fit_to_context"))
+            .assign(messages=RunnableLambda(self._prompt, name="prompt"))
+            .assign(answer=RunnableLambda(self._generate, name="generate"))
+        )
+
+    def _retrieve(self, x: dict[str, Any], config: RunnableConfig) -> list[Document]:
+        opts = {k: x[k] for k in RETRIEVAL_KEYS if x.get(k) is not None}
+        return self.retriever.invoke(x["question"], config, **opts)
+
+    def _fit(self, x: dict[str, Any]) -> list[Document]:
+        """Keep the best sources that fit: context length - answer budget - template."""
+        lm = self.chat_model.lm
+        options = generation_options(self.chat_model.generation, x.get("generation", {}))
+        budget = lm.context_length - options.max_new_tokens
+        return fit_sources(x["question"], x["docs"], lm.count_chat_tokens, budget)
+
+    @staticmethod
+    def _prompt(x: dict[str, Any]) -> list[dict[str, str]]:
+        return build_messages(x["question"], x["docs"])
+
+    def _generate(self, x: dict[str, Any], config: RunnableConfig) -> Iterator[AIMessageChunk]:
+        if not x["docs"]:  # nothing relevant: say so without calling the model
+            yield AIMessageChunk(content=NOT_FOUND, response_metadata={"not_found": True})
+            return
+        overrides = {k: v for k, v in x.get("generation", {}).items() if v is not None}
+        for chunk in self.chat_model.stream(
+            [(m["role"].replace("user", "human"), m["content"]) for m in x["messages"]],
+            config, **overrides,
+        ):
+            yield chunk
+
+    # -- convenience over the runnable ----------------------------------------------------
+    def stream_events(self, question: str, **options: Any
+                      ) -> Iterator[list[Document] | str | RagAnswer]:
+        """Yield the sources (a list) once retrieved, then answer text pieces, then RagAnswer."""
+        started = time.perf_counter()
+        inputs = {"question": question, **_split_options(options)}
+        docs: list[Document] = []
+        pieces: list[str] = []
+        message: AIMessageChunk | None = None
+        retrieve_ms = 0.0
+        for chunk in self.runnable.stream(inputs):
+            if "docs" in chunk:
+                docs = chunk["docs"]
+                retrieve_ms = (time.perf_counter() - started) * 1000
+                yield docs
+            if "answer" in chunk:
+                message = chunk["answer"] if message is None else message + chunk["answer"]
+                if chunk["answer"].content:
+                    pieces.append(chunk["answer"].text)
+                    yield chunk["answer"].text
+        meta = dict(message.response_metadata) if message else {}
+        answer = "".join(pieces).strip()
+        found = not meta.get("not_found")
+        yield RagAnswer(
+            question, answer, docs, parse_citations(answer, len(docs)) if found else [], found,
+            {**self._model_meta(), **meta},
+            {"retrieve_ms": retrieve_ms,
+             "first_token_ms": meta.get("first_token_ms", 0.0),
+             "generate_ms": meta.get("generate_ms", 0.0),
+             "tokens_per_s": meta.get("tokens_per_s", 0.0),
+             "total_ms": (time.perf_counter() - started) * 1000})
+
+    def answer(self, question: str, **options: Any) -> RagAnswer:
+        *_, final = self.stream_events(question, **options)
+        assert isinstance(final, RagAnswer)
+        return final
+
+    def _model_meta(self) -> dict[str, Any]:
+        lm = self.chat_model.lm
+        return {"model_name": lm.name, "device": lm.device,
+                "dtype": str(lm.dtype).removeprefix("torch.")}
+
+
+def _split_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Retrieval options stay top-level; the rest are decoding overrides."""
+    out: dict[str, Any] = {k: options.pop(k) for k in RETRIEVAL_KEYS if k in options}
+    out["generation"] = options
+    return out

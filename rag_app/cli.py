@@ -1,0 +1,216 @@
+"""The `rag` command: parse, call the library, print text or --json. Thin by design."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from rag_app.errors import RagError
+from rag_app.factory import Services
+from rag_app.settings import Settings, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Ask questions about your documents with a local GPT.")
+state: dict[str, Any] = {}
+
+CollectionOpt = Annotated[Optional[str], typer.Option("--collection", "-c",  # noqa: UP045
+                                                      help="Collection (default: setting).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+KOpt = Annotated[Optional[int], typer.Option("--k", help="Passages to retrieve.")]  # noqa: UP045
+ModeOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--mode", help="vector | fulltext | hybrid")]
+
+
+@app.callback()
+def main(
+    config: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        "--config", help="TOML or YAML settings file (env RAG_* still wins).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    state["config"] = config
+
+
+def _settings(**overrides: Any) -> Settings:
+    return load_settings(state.get("config"), **{k: v for k, v in overrides.items() if v})
+
+
+def _fail(e: RagError) -> typer.Exit:
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    return typer.Exit(e.exit_code)
+
+
+def _print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, ensure_ascii=False, default=str))
+
+
+@app.command()
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders.")],
+    collection: CollectionOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Load, chunk, embed and store files (unchanged files are skipped)."""
+    from tqdm import tqdm
+
+    from ingest.pipeline import Ingestor, walk
+
+    try:
+        settings = _settings(collection=collection)
+        services = Services(settings)
+        ingestor = Ingestor(services.embedder, services.store, settings.chunking)
+        files = list(walk(paths))
+        with tqdm(total=len(files), unit="file", disable=as_json, file=sys.stderr) as bar:
+            def progress(result: Any) -> None:
+                bar.set_postfix_str(Path(result.path).name[-30:])
+                bar.update()
+            report = ingestor.ingest(files, settings.collection, progress)
+    except RagError as e:
+        raise _fail(e) from None
+    out = report.to_json()
+    if as_json:
+        _print_json(out)
+    else:
+        typer.echo(f"{out['ingested']} ingested ({out['chunks']} chunks), "
+                   f"{out['unchanged']} unchanged, {len(out['failed'])} failed "
+                   f"-> collection {settings.collection!r} at {settings.db_uri}")
+        for f in out["failed"]:
+            typer.secho(f"  failed: {f['path']}: {f['error']}", fg=typer.colors.RED, err=True)
+    if out["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument()],
+    k: KOpt = None,
+    mode: ModeOpt = None,
+    collection: CollectionOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the retrieved passages with scores (no generation)."""
+    from rag_app.chain import source_json
+
+    try:
+        services = Services(_settings(collection=collection))
+        docs = services.retriever().invoke(query, k=k, mode=mode)
+    except RagError as e:
+        raise _fail(e) from None
+    hits = [source_json(n, d) for n, d in enumerate(docs, 1)]
+    if as_json:
+        _print_json({"query": query, "hits": hits})
+        return
+    if not hits:
+        typer.echo("No passage is relevant enough.")
+    for h in hits:
+        page = f" p.{h['page']}" if h["page"] is not None else ""
+        typer.secho(f"[{h['n']}] {h['source']}{page}  score={h['score']:.3f}", bold=True)
+        typer.echo(h["text"].strip() + "\n")
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument()],
+    k: KOpt = None,
+    mode: ModeOpt = None,
+    collection: CollectionOpt = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option()] = None,  # noqa: UP045
+    sample: Annotated[Optional[bool], typer.Option(  # noqa: UP045
+        "--sample/--greedy", help="Sample instead of greedy decoding.")] = None,
+    temperature: Annotated[Optional[float], typer.Option()] = None,  # noqa: UP045
+    top_k: Annotated[Optional[int], typer.Option()] = None,  # noqa: UP045
+    top_p: Annotated[Optional[float], typer.Option()] = None,  # noqa: UP045
+    num_beams: Annotated[Optional[int], typer.Option()] = None,  # noqa: UP045
+    seed: Annotated[Optional[int], typer.Option()] = None,  # noqa: UP045
+    as_json: JsonOpt = False,
+) -> None:
+    """Answer a question from your documents, with numbered sources."""
+    from rag_app.chain import RagAnswer
+
+    options = {"k": k, "mode": mode, "max_new_tokens": max_new_tokens, "do_sample": sample,
+               "temperature": temperature, "top_k": top_k, "top_p": top_p,
+               "num_beams": num_beams, "seed": seed}
+    try:
+        chain = Services(_settings(collection=collection)).chain()
+        result = None
+        for event in chain.stream_events(question, **options):
+            if isinstance(event, RagAnswer):
+                result = event
+            elif isinstance(event, str) and not as_json:
+                typer.echo(event, nl=False)
+    except RagError as e:
+        raise _fail(e) from None
+    assert result is not None
+    if as_json:
+        _print_json(result.to_json())
+        return
+    typer.echo("")
+    out = result.to_json()
+    for s in out["sources"]:
+        mark = "*" if s["n"] in out["cited"] else " "
+        page = f" p.{s['page']}" if s["page"] is not None else ""
+        typer.echo(f"{mark}[{s['n']}] {s['source']}{page}  score={s['score']:.3f}")
+    t = out["timings"]
+    typer.secho(f"{out['model']} on {out['device']}: retrieve {t['retrieve_ms']:.0f} ms, "
+                f"first token {t['first_token_ms']:.0f} ms, {t['tokens_per_s']:.1f} tok/s",
+                dim=True, err=True)
+
+
+@app.command()
+def docs(collection: CollectionOpt = None, as_json: JsonOpt = False) -> None:
+    """List the documents of a collection with their chunk counts."""
+    try:
+        settings = _settings(collection=collection)
+        rows = Services(settings).store.documents(settings.collection)
+    except RagError as e:
+        raise _fail(e) from None
+    if as_json:
+        _print_json({"collection": settings.collection, "documents": rows})
+        return
+    for r in rows:
+        typer.echo(f"{r['chunks']:5d} chunks  {r['source']}")
+
+
+@app.command()
+def delete(sources: Annotated[list[str], typer.Argument(help="Sources as `rag docs` lists them.")],
+           collection: CollectionOpt = None) -> None:
+    """Remove documents (all their chunks) from a collection."""
+    try:
+        settings = _settings(collection=collection)
+        resolved = [str(Path(s).resolve()) if Path(s).exists() else s for s in sources]
+        n = Services(settings).store.delete_documents(settings.collection, resolved)
+    except RagError as e:
+        raise _fail(e) from None
+    typer.echo(f"deleted {n} chunks")
+    if n == 0:
+        raise typer.Exit(1)
+
+
+@app.command()
+def ui(port: Annotated[Optional[int], typer.Option()] = None) -> None:  # noqa: UP045
+    """Start the Streamlit app."""
+    try:
+        settings = _settings()
+    except RagError as e:
+        raise _fail(e) from None
+    spec = importlib.util.find_spec("ui")
+    assert spec is not None and spec.origin is not None
+    script = Path(spec.origin).parent / "app.py"
+    cmd = [sys.executable, "-m", "streamlit", "run", str(script),
+           "--server.port", str(port or settings.ui.port), "--server.headless", "true",
+           "--browser.gatherUsageStats", "false"]
+    if state.get("config"):
+        cmd += ["--", "--config", str(state["config"])]
+    raise typer.Exit(subprocess.call(cmd))
+
+
+if __name__ == "__main__":
+    app()

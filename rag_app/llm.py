@@ -1,0 +1,261 @@
+"""A local decoder-only causal LM: loading (HF id, folder, GGUF), decoding, streaming and
+per-token probabilities, on top of transformers' `generate` and its streamer."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from threading import Thread
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    TextIteratorStreamer,
+    set_seed,
+)
+
+from rag_app.device import resolve_device, resolve_dtype
+from rag_app.errors import ModelLoadError
+from rag_app.locate import resolve_model_ref
+from rag_app.settings import GenerationSettings, LLMSettings
+
+log = logging.getLogger(__name__)
+Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
+
+
+@dataclass
+class TokenProb:
+    text: str
+    prob: float  # under the model's raw distribution (before temperature / top-k / top-p)
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: list[TokenProb]
+    prompt_tokens: int
+    first_token_s: float
+    total_s: float
+    streamed: bool
+
+    @property
+    def mean_logprob(self) -> float | None:
+        if not self.tokens:
+            return None
+        return sum(math.log(max(t.prob, 1e-12)) for t in self.tokens) / len(self.tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        decode_s = self.total_s - self.first_token_s
+        return (len(self.tokens) - 1) / decode_s if len(self.tokens) > 1 and decode_s > 0 else 0.0
+
+
+class LocalLM:
+    """A loaded causal LM and its tokenizer, with GPT decoding controls."""
+
+    def __init__(self, settings: LLMSettings) -> None:
+        self.name = settings.model
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        if settings.threads and self.device == "cpu":
+            torch.set_num_threads(settings.threads)
+        started = time.perf_counter()
+        self.model, self.tokenizer = _load(settings, self.device, self.dtype)
+        self.model.eval()
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        log.info("loaded %s on %s/%s in %.1fs", self.name, self.device, self.dtype,
+                 time.perf_counter() - started)
+
+    # -- tokens ---------------------------------------------------------------------------
+    def encode_chat(self, messages: Sequence[Message]) -> dict[str, torch.Tensor]:
+        if self.tokenizer.chat_template:
+            enc = self.tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=True, return_dict=True,
+                return_tensors="pt")
+        else:  # base models without a template: plain "role: content" lines
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            enc = self.tokenizer(text, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def count_chat_tokens(self, messages: Sequence[Message]) -> int:
+        return int(self.encode_chat(messages)["input_ids"].shape[1])
+
+    # -- generation -----------------------------------------------------------------------
+    def stream(self, messages: Sequence[Message], options: GenerationSettings,
+               stop: Sequence[str] | None = None) -> Iterator[str | Generation]:
+        """Yield text pieces as they are decoded, then one final `Generation`.
+
+        Beam search cannot stream (transformers keeps several hypotheses until the end):
+        it yields its final text as one piece.
+        """
+        enc = self.encode_chat(messages)
+        prompt_len = int(enc["input_ids"].shape[1])
+        config = self._generation_config(options, stop)
+        if options.seed is not None:
+            set_seed(options.seed)
+        started = time.perf_counter()
+        if options.num_beams > 1:
+            with torch.inference_mode():
+                out = self.model.generate(**enc, generation_config=config,
+                                          tokenizer=self.tokenizer)
+            ids = out.sequences[0, prompt_len:]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            elapsed = time.perf_counter() - started
+            yield text
+            yield Generation(text, self._probs_by_forward(enc, ids), prompt_len, elapsed,
+                             elapsed, streamed=False)
+            return
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
+                                        skip_special_tokens=True, timeout=600)
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    result["out"] = self.model.generate(
+                        **enc, generation_config=config, streamer=streamer,
+                        tokenizer=self.tokenizer)
+            except BaseException as e:  # re-raised in the caller's thread
+                result["error"] = e
+                streamer.end()
+
+        thread = Thread(target=run, daemon=True)
+        thread.start()
+        first: float | None = None
+        pieces = []
+        for piece in streamer:
+            if piece and first is None:
+                first = time.perf_counter() - started
+            pieces.append(piece)
+            yield piece
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        total = time.perf_counter() - started
+        out = result["out"]
+        ids = out.sequences[0, prompt_len:]
+        yield Generation("".join(pieces), self._probs_from_logits(ids, out.logits), prompt_len,
+                         first if first is not None else total, total, streamed=True)
+
+    def generate(self, messages: Sequence[Message], options: GenerationSettings,
+                 stop: Sequence[str] | None = None) -> Generation:
+        final = None
+        for item in self.stream(messages, options, stop):
+            if isinstance(item, Generation):
+                final = item
+        assert final is not None
+        return final
+
+    def _generation_config(self, o: GenerationSettings, stop: Sequence[str] | None
+                           ) -> GenerationConfig:
+        config = GenerationConfig(
+            max_new_tokens=o.max_new_tokens, do_sample=o.do_sample,
+            repetition_penalty=o.repetition_penalty, num_beams=o.num_beams,
+            return_dict_in_generate=True, output_logits=o.num_beams == 1,
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            eos_token_id=self.model.generation_config.eos_token_id
+            or self.tokenizer.eos_token_id,
+            stop_strings=list(stop) if stop else None,
+        )
+        if o.do_sample:
+            config.temperature, config.top_k, config.top_p = o.temperature, o.top_k, o.top_p
+        else:
+            config.temperature, config.top_k, config.top_p = None, None, None
+        if o.num_beams > 1:
+            config.length_penalty, config.early_stopping = o.length_penalty, True
+        return config
+
+    def _probs_from_logits(self, ids: torch.Tensor, logits: Sequence[torch.Tensor],
+                           top: int = 5) -> list[TokenProb]:
+        # logits: one (batch=1, vocab) tensor per generated step, before any processor
+        probs = torch.softmax(torch.stack([step[0] for step in logits]).float(), dim=-1)
+        return self._token_probs(ids, probs, top)
+
+    def _probs_by_forward(self, enc: dict[str, torch.Tensor], ids: torch.Tensor,
+                          top: int = 5) -> list[TokenProb]:
+        """Teacher-forced probabilities of `ids` after the prompt (used for beam search)."""
+        if ids.numel() == 0:
+            return []
+        full = torch.cat([enc["input_ids"][0], ids]).unsqueeze(0)  # (1, T)
+        with torch.inference_mode():
+            logits = self.model(full).logits[0]  # (T, vocab)
+        start = enc["input_ids"].shape[1] - 1
+        probs = torch.softmax(logits[start:start + len(ids)].float(), dim=-1)
+        return self._token_probs(ids, probs, top)
+
+    def _token_probs(self, ids: torch.Tensor, probs: torch.Tensor, top: int) -> list[TokenProb]:
+        n = min(len(ids), probs.shape[0])
+        top_p, top_i = probs[:n].topk(top, dim=-1)
+        special = set(self.tokenizer.all_special_ids)
+        out = []
+        for step in range(n):
+            token = int(ids[step])
+            if token in special:
+                continue
+            out.append(TokenProb(
+                self.tokenizer.decode([token]), float(probs[step, token]),
+                [(self.tokenizer.decode([int(i)]), float(p))
+                 for p, i in zip(top_p[step], top_i[step], strict=True)]))
+        return out
+
+
+def _load(settings: LLMSettings, device: str, dtype: torch.dtype
+          ) -> tuple[PreTrainedModel, Any]:
+    ref = resolve_model_ref(settings.model, "llm.model")
+    kwargs = {"trust_remote_code": settings.trust_remote_code}
+    try:
+        if ref.endswith(".gguf"):
+            ref = str(_gguf_to_cache(Path(ref), settings.cache_dir))
+        tokenizer = AutoTokenizer.from_pretrained(ref, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, **kwargs)
+    except ValueError as e:
+        raise ModelLoadError(
+            f"llm.model={settings.model!r} is not a causal language model ({e}); "
+            "set llm.model (RAG_LLM__MODEL) to a decoder-only model") from e
+    except OSError as e:
+        raise ModelLoadError(
+            f"cannot load llm.model={settings.model!r}: {e}; set llm.model (RAG_LLM__MODEL) "
+            "to a local folder, a .gguf file or a model id in your Hugging Face cache") from e
+    except torch.OutOfMemoryError as e:
+        raise ModelLoadError(
+            f"out of memory loading llm.model={settings.model!r} on {device}; choose a "
+            "smaller llm.model, llm.dtype=bfloat16, or llm.device=cpu") from e
+    return model.to(device), tokenizer
+
+
+def _gguf_to_cache(gguf: Path, cache_dir: Path) -> Path:
+    """De-quantize a GGUF once and save it as safetensors, keyed by the file's hash."""
+    digest = hashlib.sha256()
+    with gguf.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    target = cache_dir / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s once into %s (later starts load the saved copy)", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                  dtype=torch.float32)
+    # transformers refuses to save a GGUF-loaded model although its weights are plain
+    # floats: rebuild a clean one from the config and copy the weights across.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(loaded.state_dict(), strict=False)
+    clean.tie_weights()
+    tmp = target.with_name(target.name + ".partial")
+    clean.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)  # atomic: a crash never leaves a half-saved model behind
+    return target

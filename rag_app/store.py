@@ -1,0 +1,217 @@
+"""LanceDB: one table per collection, chunks with vectors, text and metadata.
+
+A document (identified by its source path) is written with one `merge_insert` that also
+deletes its stale chunks, so readers see either the old or the new version, never half.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import lancedb
+import pyarrow as pa
+from lancedb.rerankers import RRFReranker
+
+from rag_app.errors import EmbeddingMismatchError, EmptyIndexError, StoreError
+
+log = logging.getLogger(__name__)
+SearchMode = Literal["vector", "fulltext", "hybrid"]
+_RESULT_COLUMNS = [
+    "id", "text", "source", "title", "page", "page_end", "heading", "chunk_index",
+    "start_char", "end_char", "doc_hash", "vector",
+]
+
+
+def chunk_schema(dim: int, embedding_model: str) -> pa.Schema:
+    """The table's schema; its metadata records the embedder so a mismatch is refused."""
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("text", pa.string()),
+            pa.field("vector", pa.list_(pa.float32(), dim)),
+            pa.field("source", pa.string()),
+            pa.field("title", pa.string()),
+            pa.field("page", pa.int32()),
+            pa.field("page_end", pa.int32()),
+            pa.field("heading", pa.string()),
+            pa.field("chunk_index", pa.int32()),
+            pa.field("start_char", pa.int64()),
+            pa.field("end_char", pa.int64()),
+            pa.field("doc_hash", pa.string()),
+            pa.field("ingested_at", pa.timestamp("us", tz="UTC")),
+            pa.field("embedding_model", pa.string()),
+        ],
+        metadata={"embedding_model": embedding_model, "dim": str(dim)},
+    )
+
+
+@dataclass
+class Hit:
+    """One retrieved chunk. `score` is the mode's ranking score; `similarity` is cosine."""
+
+    text: str
+    source: str
+    score: float
+    similarity: float
+    page: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class ChunkStore:
+    """A LanceDB connection plus the embedding model identity its tables must match."""
+
+    def __init__(self, uri: str, embedding_model: str, dim: int) -> None:
+        self.uri = uri
+        self.embedding_model = embedding_model
+        self.dim = dim
+        try:
+            self.db = lancedb.connect(uri)
+        except (OSError, ValueError) as e:
+            raise StoreError(f"cannot open database RAG_DB_URI={uri!r}: {e}") from e
+
+    # -- tables ---------------------------------------------------------------------------
+    def collections(self) -> list[str]:
+        return sorted(self.db.list_tables().tables)
+
+    def _open(self, collection: str) -> lancedb.table.Table | None:
+        try:
+            table = self.db.open_table(collection)
+        except ValueError:
+            return None
+        self._check_embedder(collection, table.schema)
+        return table
+
+    def _check_embedder(self, collection: str, schema: pa.Schema) -> None:
+        meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+        model, dim = meta.get("embedding_model"), meta.get("dim")
+        if model != self.embedding_model or dim != str(self.dim):
+            raise EmbeddingMismatchError(
+                f"collection {collection!r} was built with embedding model {model!r} "
+                f"(dim {dim}), but embedding.model is {self.embedding_model!r} (dim {self.dim}); "
+                "use the same embedding.model or ingest into another collection"
+            )
+
+    def _require(self, collection: str) -> lancedb.table.Table:
+        table = self._open(collection)
+        if table is None or table.count_rows() == 0:
+            raise EmptyIndexError(
+                f"collection {collection!r} at RAG_DB_URI={self.uri!r} has no documents; "
+                "run `rag ingest PATH` first"
+            )
+        return table
+
+    def _create(self, collection: str) -> lancedb.table.Table:
+        table = self._open(collection)
+        if table is None:
+            schema = chunk_schema(self.dim, self.embedding_model)
+            table = self.db.create_table(collection, schema=schema, exist_ok=True)
+        return table
+
+    # -- writes ---------------------------------------------------------------------------
+    def document_hashes(self, collection: str) -> dict[str, str]:
+        """source -> content hash of every stored document."""
+        table = self._open(collection)
+        if table is None:
+            return {}
+        rows = table.to_lance().to_table(columns=["source", "doc_hash"]).to_pylist()
+        return {r["source"]: r["doc_hash"] for r in rows}
+
+    def upsert_document(self, collection: str, source: str, rows: Sequence[dict]) -> None:
+        """Replace all chunks of `source` by `rows` in one atomic commit."""
+        table = self._create(collection)
+        data = pa.Table.from_pylist(list(rows), schema=table.schema)
+        (
+            table.merge_insert("id")
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .when_not_matched_by_source_delete(f"source = {sql_string(source)}")
+            .execute(data)
+        )
+
+    def delete_documents(self, collection: str, sources: Iterable[str]) -> int:
+        table = self._open(collection)
+        sources = list(sources)
+        if table is None or not sources:
+            return 0
+        where = "source IN (" + ", ".join(sql_string(s) for s in sources) + ")"
+        before = table.count_rows()
+        table.delete(where)
+        return before - table.count_rows()
+
+    def refresh_indexes(self, collection: str) -> None:
+        """Build the full-text index once; afterwards `optimize` folds new rows into it."""
+        table = self._open(collection)
+        if table is None:
+            return
+        if not any(i.index_type == "FTS" for i in table.list_indices()):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                table.create_fts_index("text", replace=True)
+        else:
+            table.optimize()
+
+    # -- reads ----------------------------------------------------------------------------
+    def documents(self, collection: str) -> list[dict[str, Any]]:
+        """One row per document: source, title, chunks, pages, ingested_at."""
+        table = self._open(collection)
+        if table is None:
+            return []
+        cols = ["source", "title", "page", "doc_hash", "ingested_at"]
+        docs: dict[str, dict[str, Any]] = {}
+        for r in table.to_lance().to_table(columns=cols).to_pylist():
+            d = docs.setdefault(r["source"], {
+                "source": r["source"], "title": r["title"], "chunks": 0, "pages": set(),
+                "doc_hash": r["doc_hash"], "ingested_at": r["ingested_at"],
+            })
+            d["chunks"] += 1
+            if r["page"] is not None:
+                d["pages"].add(r["page"])
+        return [{**d, "pages": len(d["pages"]) or None} for d in sorted(
+            docs.values(), key=lambda d: d["source"])]
+
+    def search(
+        self, collection: str, query: str, vector: Sequence[float], k: int,
+        mode: SearchMode = "hybrid", where: str | None = None,
+    ) -> list[Hit]:
+        table = self._require(collection)
+        if mode == "vector":
+            q = table.search(list(vector), query_type="vector").distance_type("cosine")
+        elif mode == "fulltext":
+            self._ensure_fts(table)
+            q = table.search(query, query_type="fts")
+        else:
+            self._ensure_fts(table)
+            q = (table.search(query_type="hybrid").vector(list(vector)).text(query)
+                 .rerank(RRFReranker()))
+        if where:
+            q = q.where(where, prefilter=True)
+        rows = q.select(_RESULT_COLUMNS).limit(k).to_list()
+        return [self._hit(r, vector) for r in rows]
+
+    def _ensure_fts(self, table: lancedb.table.Table) -> None:
+        if not any(i.index_type == "FTS" for i in table.list_indices()):
+            raise StoreError(
+                "the full-text index is missing; run `rag ingest` again or use --mode vector"
+            )
+
+    @staticmethod
+    def _hit(row: dict[str, Any], query_vector: Sequence[float]) -> Hit:
+        vec = row.pop("vector")
+        similarity = float(sum(a * b for a, b in zip(vec, query_vector, strict=True)))
+        if "_relevance_score" in row:
+            score = row["_relevance_score"]
+        elif "_score" in row:
+            score = row["_score"]
+        else:
+            score = 1.0 - row["_distance"]  # cosine distance -> similarity
+        meta = {k: v for k, v in row.items() if not k.startswith("_") and k != "text"}
+        return Hit(text=row["text"], source=row["source"], score=float(score),
+                   similarity=similarity, page=row.get("page"), metadata=meta)
