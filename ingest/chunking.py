@@ -47,17 +47,19 @@ def chunk_blocks(
         chunk_size=size_tokens,
         chunk_overlap=overlap_tokens,
         length_function=count_tokens,
-        add_start_index=True,
         keep_separator="end",
         strip_whitespace=True,
     )
     chunks: list[Chunk] = []
     for block in blocks:
-        for doc in splitter.create_documents([block.text]):
-            text = doc.page_content
-            if not text.strip():
-                continue
-            start = block.start_char + doc.metadata["start_index"]
+        # Offsets are found here: the splitter's own add_start_index mixes token counts
+        # with character offsets when the length function counts tokens.
+        cursor = 0
+        for text in splitter.split_text(block.text):
+            found = block.text.find(text, cursor)
+            local = found if found >= 0 else block.text.find(text)
+            cursor = local + 1
+            start = block.start_char + local
             chunks.append(Chunk(text, start, start + len(text), block.page, block.heading,
                                 len(chunks)))
     return chunks

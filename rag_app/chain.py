@@ -88,11 +88,10 @@ class RagChain:
             yield AIMessageChunk(content=NOT_FOUND, response_metadata={"not_found": True})
             return
         overrides = {k: v for k, v in x.get("generation", {}).items() if v is not None}
-        for chunk in self.chat_model.stream(
+        yield from self.chat_model.stream(
             [(m["role"].replace("user", "human"), m["content"]) for m in x["messages"]],
             config, **overrides,
-        ):
-            yield chunk
+        )
 
     # -- convenience over the runnable ----------------------------------------------------
     def stream_events(self, question: str, **options: Any

@@ -52,11 +52,12 @@ class GenerationSettings(BaseModel):
     max_new_tokens: int = Field(256, ge=1, le=8192, description="Upper bound on answer tokens.")
     do_sample: bool = Field(False, description="Sample (true) or decode greedily/beam (false).")
     temperature: float = Field(0.7, gt=0.0, le=5.0, description="Divides the logits when sampling.")
-    top_k: int = Field(50, ge=0, description="Keep only the k likeliest tokens when sampling (0 = off).")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus: smallest set with mass >= top_p.")
+    top_k: int = Field(50, ge=0, description="Sampling: keep the k likeliest tokens (0 = off).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus: smallest set with mass >= p.")
     num_beams: int = Field(1, ge=1, le=16, description="Beam search width (1 = no beam search).")
     length_penalty: float = Field(1.0, description="Beam search: >0 favours longer sequences.")
-    repetition_penalty: float = Field(1.1, gt=0.0, description="1.0 = off; >1 discourages repeats.")
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, description="1.0 = off; >1 discourages repeats (and copying from sources).")
     seed: int | None = Field(None, description="Random seed for sampling (None = random).")
 
     @model_validator(mode="after")

@@ -72,6 +72,7 @@ class ChunkStore:
         self.uri = uri
         self.embedding_model = embedding_model
         self.dim = dim
+        self.reranker = RRFReranker()
         try:
             self.db = lancedb.connect(uri)
         except (OSError, ValueError) as e:
@@ -183,18 +184,30 @@ class ChunkStore:
     ) -> list[Hit]:
         table = self._require(collection)
         if mode == "vector":
-            q = table.search(list(vector), query_type="vector").distance_type("cosine")
+            rows = self._vector_query(table, vector, where).limit(k).to_list()
         elif mode == "fulltext":
-            self._ensure_fts(table)
-            q = table.search(query, query_type="fts")
+            rows = self._text_query(table, query, where).limit(k).to_list()
         else:
-            self._ensure_fts(table)
-            q = (table.search(query_type="hybrid").vector(list(vector)).text(query)
-                 .rerank(RRFReranker()))
-        if where:
-            q = q.where(where, prefilter=True)
-        rows = q.select(_RESULT_COLUMNS).limit(k).to_list()
+            # Fetch more candidates from each side than we return, then fuse the two
+            # rankings with LanceDB's reciprocal-rank-fusion reranker.
+            n = max(4 * k, 20)
+            fused = self.reranker.rerank_hybrid(
+                query,
+                self._vector_query(table, vector, where).limit(n).with_row_id(True).to_arrow(),
+                self._text_query(table, query, where).limit(n).with_row_id(True).to_arrow())
+            rows = fused.slice(0, k).to_pylist()
         return [self._hit(r, vector) for r in rows]
+
+    @staticmethod
+    def _vector_query(table: Any, vector: Sequence[float], where: str | None) -> Any:
+        q = (table.search(list(vector), query_type="vector").distance_type("cosine")
+             .select([*_RESULT_COLUMNS, "_distance"]))
+        return q.where(where, prefilter=True) if where else q
+
+    def _text_query(self, table: Any, query: str, where: str | None) -> Any:
+        self._ensure_fts(table)
+        q = table.search(query, query_type="fts").select([*_RESULT_COLUMNS, "_score"])
+        return q.where(where, prefilter=True) if where else q
 
     def _ensure_fts(self, table: lancedb.table.Table) -> None:
         if not any(i.index_type == "FTS" for i in table.list_indices()):

@@ -1,0 +1,59 @@
+from pathlib import Path
+
+import pytest
+
+from rag_app.errors import SettingsError
+from rag_app.settings import load_settings
+
+
+def test_env_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAG_DB_URI", "/tmp/elsewhere")
+    monkeypatch.setenv("RAG_GENERATION__TEMPERATURE", "0.3")
+    s = load_settings()
+    assert s.db_uri == "/tmp/elsewhere"
+    assert s.generation.temperature == 0.3
+
+
+def test_invalid_env_value_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAG_LLM__DEVICE", "gpu")
+    with pytest.raises(SettingsError, match=r"llm\.device \(RAG_LLM__DEVICE\)"):
+        load_settings()
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    ({"generation": {"top_p": 1.5}}, "generation.top_p"),
+    ({"generation": {"temperature": 0}}, "generation.temperature"),
+    ({"generation": {"num_beams": 3, "do_sample": True}}, "generation.num_beams"),
+    ({"chunking": {"size_tokens": 64, "overlap_tokens": 64}}, "chunking.overlap_tokens"),
+    ({"collection": "../x"}, "collection"),
+    ({"retrieval": {"mode": "magic"}}, "retrieval.mode"),
+])
+def test_invalid_values_fail_naming_the_field(overrides: dict, field: str) -> None:
+    with pytest.raises(SettingsError, match=field.replace(".", r"\.")):
+        load_settings(**overrides)
+
+
+def test_toml_file_is_read_and_env_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "rag.toml"
+    cfg.write_text('collection = "notes"\n[retrieval]\nk = 7\nmode = "vector"\n')
+    monkeypatch.setenv("RAG_RETRIEVAL__K", "3")
+    s = load_settings(cfg)
+    assert (s.collection, s.retrieval.mode, s.retrieval.k) == ("notes", "vector", 3)
+
+
+def test_yaml_file_is_read(tmp_path: Path) -> None:
+    cfg = tmp_path / "rag.yaml"
+    cfg.write_text("generation:\n  max_new_tokens: 42\n")
+    assert load_settings(cfg).generation.max_new_tokens == 42
+
+
+def test_unknown_key_in_file_is_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "rag.toml"
+    cfg.write_text("colection = 'typo'\n")
+    with pytest.raises(SettingsError, match="colection"):
+        load_settings(cfg)
+
+
+def test_missing_config_file_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="config file not found"):
+        load_settings(tmp_path / "nope.toml")

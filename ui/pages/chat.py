@@ -1,0 +1,65 @@
+"""Chat page: the sources appear once retrieved, then the answer streams token by token."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import streamlit as st
+
+from rag_app.chain import RagAnswer, source_json
+from rag_app.errors import RagError
+from ui import render, state
+
+services = state.services()
+history = state.messages()
+
+st.title("Ask your documents")
+if history and st.button("Clear conversation", icon=":material/delete_sweep:"):
+    state.clear_messages()
+    st.rerun()
+
+for msg in history:
+    with st.chat_message(msg["role"]):
+        if msg["role"] == "user":
+            st.text(msg["content"])
+        else:
+            render.past_answer(msg["answer"])
+
+question = st.chat_input("Ask a question about your documents")
+if not question:
+    st.stop()
+
+with st.chat_message("user"):
+    st.text(question)
+
+with st.chat_message("assistant"):
+    answer_box, sources_box = st.container(), st.empty()
+    result: dict = {}
+    try:
+        chain = services.chain(state.collection(services.settings.collection))
+        events = chain.stream_events(question, **state.options())
+        with st.spinner("Searching your documents…"):
+            docs = next(events)  # the first event is always the retrieved sources
+        with sources_box.container():
+            render.source_cards([source_json(n, d) for n, d in enumerate(docs, 1)], [])
+
+        def tokens() -> Iterator[str]:
+            for event in events:
+                if isinstance(event, RagAnswer):
+                    result["answer"] = event.to_json()
+                else:
+                    yield event
+
+        with answer_box, st.spinner("Generating…"):
+            st.write_stream(tokens())
+    except RagError as e:
+        st.error(str(e))
+        st.stop()
+    answer = result["answer"]
+    if not answer["found"]:
+        answer_box.warning(answer["answer"], icon=":material/search_off:")
+    with sources_box.container():
+        render.source_cards(answer["sources"], answer["cited"])
+    render.answer_caption(answer)
+    history += [{"role": "user", "content": question},
+                {"role": "assistant", "content": answer["answer"], "answer": answer}]

@@ -1,0 +1,65 @@
+"""Documents page: upload files into the current collection, list and delete documents."""
+
+from __future__ import annotations
+
+from pathlib import PurePath
+
+import streamlit as st
+
+from ingest.pipeline import FileResult, Ingestor, SourceFile
+from rag_app.errors import RagError
+from ui import render, state
+
+services = state.services()
+settings = services.settings
+collection = state.collection(settings.collection)
+
+st.title("Documents")
+st.caption(render.escape_markdown(f"Collection {collection} at {settings.db_uri}"))
+
+uploads = st.file_uploader("Add documents", accept_multiple_files=True,
+                           help="txt, md, pdf, html, docx")
+if uploads and st.button("Ingest", type="primary", icon=":material/upload:"):
+    limit = settings.ui.max_upload_mb * 1024 * 1024
+    files: list[SourceFile | FileResult] = []
+    for up in uploads:
+        # The browser's file name is only a label: PurePath(...).name drops any folders.
+        source = f"upload/{PurePath(up.name.replace(chr(92), '/')).name}"
+        if up.size > limit:
+            too_big = f"larger than ui.max_upload_mb={settings.ui.max_upload_mb}"
+            files.append(FileResult(source, "failed", error=too_big))
+        else:
+            files.append(SourceFile(source, up.getvalue))
+    bar = st.progress(0.0, text="Ingesting…")
+    done = []
+
+    def progress(result: FileResult) -> None:
+        done.append(result)
+        bar.progress(len(done) / len(files), text=f"{len(done)}/{len(files)} files")
+
+    try:
+        ingestor = Ingestor(services.embedder, services.store, settings.chunking)
+        report = ingestor.ingest(files, collection, progress)
+    except RagError as e:
+        st.error(str(e))
+        st.stop()
+    st.dataframe([{"file": r.path, "result": r.status, "chunks": r.chunks,
+                   "error": r.error or ""} for r in report.results], hide_index=True)
+    for r in report.failed:
+        st.error(render.escape_markdown(f"{r.path}: {r.error}"))
+
+try:
+    docs = services.store.documents(collection)
+except RagError as e:
+    st.error(str(e))
+    st.stop()
+if not docs:
+    st.info("No documents yet: upload some above, or run `rag ingest PATH`.")
+    st.stop()
+st.dataframe([{k: d[k] for k in ("source", "title", "chunks", "pages", "ingested_at")}
+              for d in docs], hide_index=True, use_container_width=True)
+chosen = st.multiselect("Delete documents", [d["source"] for d in docs])
+if chosen and st.button("Delete selected", icon=":material/delete:"):
+    n = services.store.delete_documents(collection, chosen)
+    st.toast(f"Deleted {len(chosen)} documents ({n} chunks).")
+    st.rerun()

@@ -1,0 +1,37 @@
+"""Sidebar: collection, retrieval and decoding controls, stored as per-request options."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from rag_app.factory import Services
+from ui import state
+
+
+def render(services: Services) -> None:
+    s = services.settings
+    opts = state.options()
+    with st.sidebar:
+        st.header("Settings")
+        known = services.store.collections() or [s.collection]
+        if s.collection not in known:
+            known.insert(0, s.collection)
+        st.session_state["collection"] = st.selectbox(
+            "Collection", known, index=known.index(state.collection(s.collection)))
+        st.subheader("Retrieval")
+        opts["mode"] = st.radio("Mode", ["hybrid", "vector", "fulltext"], horizontal=True,
+                                index=["hybrid", "vector", "fulltext"].index(s.retrieval.mode))
+        opts["k"] = st.slider("Passages (k)", 1, 10, s.retrieval.k)
+        st.subheader("Decoding")
+        g = s.generation
+        strategy = st.radio("Strategy", ["greedy", "sampling", "beam search"], horizontal=True,
+                            help="Greedy is reproducible; sampling varies; beams are not streamed.")
+        opts["do_sample"] = strategy == "sampling"
+        opts["num_beams"] = st.slider("Beams", 2, 8, 4) if strategy == "beam search" else 1
+        if strategy == "sampling":
+            opts["temperature"] = st.slider("Temperature", 0.05, 2.0, g.temperature, 0.05)
+            opts["top_k"] = st.slider("Top-k (0 = off)", 0, 200, g.top_k)
+            opts["top_p"] = st.slider("Top-p", 0.05, 1.0, g.top_p, 0.05)
+            seed = st.number_input("Seed (-1 = random)", -1, 2**31 - 1, g.seed or -1)
+            opts["seed"] = None if seed < 0 else int(seed)
+        opts["max_new_tokens"] = st.slider("Max new tokens", 16, 1024, g.max_new_tokens, 16)

@@ -1,0 +1,54 @@
+"""Session and resource helpers: the only place the UI touches st.session_state / caches."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from rag_app.errors import RagError
+from rag_app.factory import Services
+from rag_app.settings import Settings, load_settings
+
+
+def _config_file() -> Path | None:
+    """`rag ui --config FILE` passes it to the script after `--`."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config", type=Path)
+    return parser.parse_known_args(sys.argv[1:])[0].config
+
+
+@st.cache_resource(show_spinner=False)
+def _services(settings_json: str) -> Services:
+    """One Services (one embedder, one LLM) per process and settings, shared by sessions."""
+    return Services(Settings.model_validate_json(settings_json))
+
+
+def services() -> Services:
+    try:
+        settings = load_settings(_config_file())
+    except RagError as e:
+        st.error(str(e))
+        st.stop()
+    return _services(settings.model_dump_json())
+
+
+def messages() -> list[dict[str, Any]]:
+    """Chat history of this browser session: {"role", "content", "answer"?}."""
+    return st.session_state.setdefault("messages", [])
+
+
+def clear_messages() -> None:
+    st.session_state["messages"] = []
+
+
+def options() -> dict[str, Any]:
+    """Per-request retrieval and decoding options chosen in the sidebar."""
+    return st.session_state.setdefault("options", {})
+
+
+def collection(default: str) -> str:
+    return st.session_state.get("collection") or default
