@@ -99,6 +99,7 @@ class RagChain:
         """Yield the sources (a list) once retrieved, then answer text pieces, then RagAnswer."""
         started = time.perf_counter()
         inputs = {"question": question, **_split_options(options)}
+        generation_options(self.chat_model.generation, inputs["generation"])  # fail early
         docs: list[Document] = []
         pieces: list[str] = []
         message: AIMessageChunk | None = None

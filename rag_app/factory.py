@@ -1,45 +1,64 @@
-"""The one composition root: builds every component from Settings."""
+"""The one composition root: builds every component from Settings.
+
+Components are imported and built lazily, so `rag --help` or a settings error costs no
+torch import, and a search never loads the LLM.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
-from rag_app.chain import RagChain
-from rag_app.chat_model import LocalChatModel
-from rag_app.embeddings import Embedder
-from rag_app.llm import LocalLM
-from rag_app.retriever import LanceRetriever
 from rag_app.settings import Settings
-from rag_app.store import ChunkStore
+
+if TYPE_CHECKING:
+    from rag_app.chain import RagChain
+    from rag_app.chat_model import LocalChatModel
+    from rag_app.embeddings import Embedder
+    from rag_app.llm import LocalLM
+    from rag_app.retriever import LanceRetriever
+    from rag_app.store import ChunkStore
 
 
 @dataclass
 class Services:
-    """Lazily built components; the LLM loads only when a question needs it."""
+    """Lazily built components, each built at most once."""
 
     settings: Settings
 
     @cached_property
     def embedder(self) -> Embedder:
+        from rag_app.embeddings import Embedder
+
         return Embedder(self.settings.embedding)
 
     @cached_property
     def store(self) -> ChunkStore:
+        from rag_app.store import ChunkStore
+
         return ChunkStore(self.settings.db_uri, self.embedder.name, self.embedder.dim)
 
     @cached_property
     def lm(self) -> LocalLM:
+        from rag_app.llm import LocalLM
+
         return LocalLM(self.settings.llm)
 
     @cached_property
     def chat_model(self) -> LocalChatModel:
+        from rag_app.chat_model import LocalChatModel
+
         return LocalChatModel(lm=self.lm, generation=self.settings.generation)
 
     def retriever(self, collection: str | None = None) -> LanceRetriever:
+        from rag_app.retriever import LanceRetriever
+
         return LanceRetriever(store=self.store, embedder=self.embedder,
                               collection=collection or self.settings.collection,
                               settings=self.settings.retrieval)
 
     def chain(self, collection: str | None = None) -> RagChain:
+        from rag_app.chain import RagChain
+
         return RagChain(self.retriever(collection), self.chat_model)

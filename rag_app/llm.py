@@ -15,13 +15,16 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
+    PretrainedConfig,
     PreTrainedModel,
     TextIteratorStreamer,
     set_seed,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from rag_app.device import resolve_device, resolve_dtype
 from rag_app.errors import ModelLoadError
@@ -216,6 +219,7 @@ def _load(settings: LLMSettings, device: str, dtype: torch.dtype
     try:
         if ref.endswith(".gguf"):
             ref = str(_gguf_to_cache(Path(ref), settings.cache_dir))
+        _require_decoder(AutoConfig.from_pretrained(ref, **kwargs))
         tokenizer = AutoTokenizer.from_pretrained(ref, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, **kwargs)
     except ValueError as e:
@@ -231,6 +235,15 @@ def _load(settings: LLMSettings, device: str, dtype: torch.dtype
             f"out of memory loading llm.model={settings.model!r} on {device}; choose a "
             "smaller llm.model, llm.dtype=bfloat16, or llm.device=cpu") from e
     return model.to(device), tokenizer
+
+
+def _require_decoder(config: PretrainedConfig) -> None:
+    """Refuse encoders (BERT) and encoder-decoders (T5) that Auto* would load with a fresh,
+    untrained LM head."""
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    archs = getattr(config, "architectures", None) or []
+    if config.is_encoder_decoder or (archs and not causal.intersection(archs)):
+        raise ValueError(f"architecture {archs or config.model_type} is not a decoder-only LM")
 
 
 def _gguf_to_cache(gguf: Path, cache_dir: Path) -> Path:

@@ -9,11 +9,8 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `streamlit run` from a clone
 
-from ui import sidebar, state  # noqa: E402
-
 st.set_page_config(page_title="rag_app", page_icon=":material/menu_book:", layout="wide")
-services = state.services()
-sidebar.render(services)
+# Each page renders the sidebar itself (see ui/sidebar.py), so a page also runs on its own.
 pages = [
     st.Page("pages/chat.py", title="Chat", icon=":material/chat:", default=True),
     st.Page("pages/documents.py", title="Documents", icon=":material/folder_open:"),

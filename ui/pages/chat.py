@@ -8,15 +8,15 @@ import streamlit as st
 
 from rag_app.chain import RagAnswer, source_json
 from rag_app.errors import RagError
-from ui import render, state
+from ui import render, sidebar, state
 
 services = state.services()
+sidebar.render(services)
 history = state.messages()
 
 st.title("Ask your documents")
-if history and st.button("Clear conversation", icon=":material/delete_sweep:"):
-    state.clear_messages()
-    st.rerun()
+st.sidebar.button("Clear conversation", icon=":material/delete_sweep:",
+                  on_click=state.clear_messages)
 
 for msg in history:
     with st.chat_message(msg["role"]):

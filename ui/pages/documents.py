@@ -8,9 +8,10 @@ import streamlit as st
 
 from ingest.pipeline import FileResult, Ingestor, SourceFile
 from rag_app.errors import RagError
-from ui import render, state
+from ui import render, sidebar, state
 
 services = state.services()
+sidebar.render(services)
 settings = services.settings
 collection = state.collection(settings.collection)
 

@@ -1,0 +1,71 @@
+"""End to end on the real stack: demo corpus in LanceDB, bundled embedder, SmolLM2."""
+
+from pathlib import Path
+
+import pytest
+from langchain_core.documents import Document
+
+from rag_app.chain import RagAnswer
+from rag_app.prompt import NOT_FOUND
+
+pytestmark = pytest.mark.slow
+JSON_KEYS = {"answer", "sources", "cited", "model", "device", "timings"}
+SOURCE_KEYS = {"n", "source", "page", "text", "score"}
+TIMING_KEYS = {"retrieve_ms", "first_token_ms", "generate_ms", "tokens_per_s"}
+
+
+@pytest.mark.parametrize("mode", ["vector", "fulltext", "hybrid"])
+def test_demo_questions_retrieve_their_file(demo_index, demo_questions, mode) -> None:
+    retriever = demo_index.retriever()
+    first, anywhere = 0, 0
+    for q in demo_questions:
+        names = [Path(d.metadata["source"]).name for d in retriever.invoke(q["question"],
+                                                                           mode=mode)]
+        first += bool(names) and names[0] == q["source"]
+        anywhere += q["source"] in names
+    assert anywhere == len(demo_questions)
+    assert first >= len(demo_questions) - 1
+
+
+def test_unrelated_question_retrieves_nothing(demo_index) -> None:
+    assert demo_index.retriever().invoke("What is the capital of Peru?") == []
+
+
+def test_ask_demo_question_end_to_end(demo_index, demo_questions) -> None:
+    q = next(q for q in demo_questions if q["source"] == "bpe-tokenization.md")
+    result = demo_index.chain().answer(q["question"])
+    out = result.to_json()
+    assert JSON_KEYS <= out.keys() and TIMING_KEYS <= out["timings"].keys()
+    assert all(SOURCE_KEYS <= s.keys() for s in out["sources"])
+    assert out["answer"].strip() and result.found
+    assert Path(out["sources"][0]["source"]).name == q["source"]
+    assert out["model"] and out["device"] == "cpu"
+    assert out["timings"]["tokens_per_s"] > 0 and out["tokens"]
+    assert all(1 <= n <= len(out["sources"]) for n in out["cited"])
+
+
+def test_stream_yields_sources_before_first_token(demo_index) -> None:
+    events = list(demo_index.chain().stream_events("What is byte-pair encoding?",
+                                                   max_new_tokens=12))
+    assert isinstance(events[0], list) and all(isinstance(d, Document) for d in events[0])
+    assert isinstance(events[1], str)
+    assert isinstance(events[-1], RagAnswer)
+    assert "".join(e for e in events if isinstance(e, str)).strip() == events[-1].answer
+
+
+def test_nothing_relevant_answers_not_found_without_the_model(demo_index) -> None:
+    result = demo_index.chain().answer("What is the capital of Peru?")
+    assert result.answer == NOT_FOUND and not result.found and result.sources == []
+    assert result.timings["generate_ms"] == 0.0
+
+
+def test_sources_are_fitted_to_a_small_context(demo_index) -> None:
+    chain = demo_index.chain()
+    lm = chain.chat_model.lm
+    saved = lm.context_length
+    try:
+        lm.context_length = 520  # room for about one chunk once 256 answer tokens are reserved
+        result = chain.answer("How does causal attention work?", k=6, max_new_tokens=256)
+    finally:
+        lm.context_length = saved
+    assert 1 <= len(result.sources) < 6

@@ -1,0 +1,94 @@
+"""The `rag` command as a user runs it: a real subprocess, real exit codes and output."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RAG = str(Path(sys.executable).with_name("rag"))
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([RAG, *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def db(tmp_path: Path, env) -> str:
+    uri = str(tmp_path / "db")
+    env.setenv("RAG_DB_URI", uri)
+    return uri
+
+
+def test_ingest_json_reports_bad_files_and_ingests_the_rest(tmp_path: Path, db: str) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    shutil.copy(DATA / "lancedb.md", docs)
+    shutil.copy(DATA / "chunking.md", docs)
+    (docs / "broken.docx").write_bytes(b"not a docx")
+    r = run("ingest", str(docs), "--json")
+    assert r.returncode == 1, r.stderr
+    out = json.loads(r.stdout)
+    assert out["files"] == 2 and out["chunks"] > 2
+    assert [Path(f["path"]).name for f in out["failed"]] == ["broken.docx"]
+    assert "cannot parse .docx" in out["failed"][0]["error"]
+    again = json.loads(run("ingest", str(docs / "lancedb.md"), "--json").stdout)
+    assert again == {**again, "unchanged": 1, "chunks": 0, "failed": []}
+
+    listed = json.loads(run("docs", "--json").stdout)["documents"]
+    assert sorted(Path(d["source"]).name for d in listed) == ["chunking.md", "lancedb.md"]
+    assert run("delete", str(docs / "chunking.md")).returncode == 0
+    listed = json.loads(run("docs", "--json").stdout)["documents"]
+    assert [Path(d["source"]).name for d in listed] == ["lancedb.md"]
+
+
+def test_two_db_uris_never_share_data(tmp_path: Path, env) -> None:
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert run("ingest", str(DATA / "lancedb.md"), env={"RAG_DB_URI": a}).returncode == 0
+    r = run("search", "hybrid search", env={"RAG_DB_URI": b})
+    assert r.returncode == 1 and "no documents" in r.stderr
+
+
+@pytest.mark.slow
+def test_search_and_ask_json(demo_index, env) -> None:
+    demo_index.lm  # noqa: B018 - the converted model is in the session cache before the CLI runs
+    r = run("search", "How many tokens are in the GPT-2 vocabulary?", "--k", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    hits = json.loads(r.stdout)["hits"]
+    assert len(hits) == 3 and Path(hits[0]["source"]).name == "bpe-tokenization.md"
+    assert {"n", "source", "page", "text", "score"} <= hits[0].keys()
+
+    r = run("ask", "How many tokens are in the GPT-2 vocabulary?", "--json",
+            "--max-new-tokens", "40")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert {"answer", "sources", "cited", "model", "device", "timings", "tokens"} <= out.keys()
+    assert out["answer"].strip() and out["device"] == "cpu"
+    assert {"retrieve_ms", "first_token_ms", "generate_ms", "tokens_per_s"} <= out[
+        "timings"].keys()
+
+    r = run("ask", "What is the capital of Peru?")
+    assert r.returncode == 0 and "could not find" in r.stdout
+
+
+def test_ask_on_empty_index_is_a_clear_error(db: str) -> None:
+    r = run("ask", "anything?")
+    assert r.returncode == 1
+    assert "no documents" in r.stderr and "rag ingest" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_invalid_setting_fails_at_start_naming_it(db: str) -> None:
+    r = run("search", "x", env={"RAG_RETRIEVAL__K": "0"})
+    assert r.returncode == 2
+    assert "retrieval.k (RAG_RETRIEVAL__K)" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_invalid_decoding_option_names_it(demo_index, env) -> None:
+    r = run("ask", "What is BPE?", "--top-p", "1.5")
+    assert r.returncode == 2 and "generation.top_p" in r.stderr

@@ -1,0 +1,36 @@
+from langchain_core.documents import Document
+
+from rag_app.prompt import NOT_FOUND, SYSTEM, build_messages, fit_sources, parse_citations
+
+
+def _docs(n: int) -> list[Document]:
+    return [Document(page_content=f"passage {i} " + "word " * 50,
+                     metadata={"source": f"/d/f{i}.md", "page": i})
+            for i in range(1, n + 1)]
+
+
+def test_sources_are_numbered_with_file_and_page() -> None:
+    msgs = build_messages("Why?", _docs(2))
+    assert msgs[0] == {"role": "system", "content": SYSTEM}
+    user = msgs[1]["content"]
+    assert "[1] (f1.md, page 1)" in user and "[2] (f2.md, page 2)" in user
+    assert user.startswith("Question: Why?") and "Question: Why?\nAnswer" in user
+    assert NOT_FOUND in SYSTEM and "not instructions" in SYSTEM
+
+
+def test_parse_citations_keeps_order_and_drops_unknown_numbers() -> None:
+    text = "A [2]. B [1, 3]. C [7]. D [2-3]. E [0]."
+    assert parse_citations(text, 3) == [2, 1, 3]
+    assert parse_citations("no citations", 3) == []
+
+
+def test_fit_sources_drops_lowest_ranked_first_and_keeps_question() -> None:
+    docs = _docs(4)
+
+    def count(messages: list[dict]) -> int:
+        return sum(len(m["content"].split()) for m in messages)
+
+    full = count(build_messages("q", docs))
+    kept = fit_sources("q", docs, count, full - 10)
+    assert kept == docs[:3]
+    assert fit_sources("q", docs, count, 5) == []
