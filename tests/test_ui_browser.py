@@ -1,0 +1,77 @@
+"""`rag ui` as a user meets it: a real Streamlit server driven by headless Chromium."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None:  # `make test` installs it; say so loudly rather than pass silently
+    pytest.skip("Chromium is not installed (make test installs Debian's chromium)",
+                allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(demo_index, env, tmp_path: Path):
+    demo_index.lm  # noqa: B018 - converted model in the session cache first
+    port = _free_port()
+    log = (tmp_path / "ui.log").open("w")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("rag")), "ui", "--port",
+                             str(port)], stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the Streamlit server did not start: " + (tmp_path / "ui.log").read_text())
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def page(server: str):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server)
+        yield page
+        browser.close()
+
+
+def test_question_in_browser_gets_streamed_answer_with_sources(page, tmp_path: Path) -> None:
+    box = page.get_by_test_id("stChatInputTextArea")
+    box.wait_for(timeout=120_000)
+    box.fill("How many tokens are in the GPT-2 vocabulary?")
+    box.press("Enter")
+    cards = page.get_by_test_id("stExpander")
+    cards.first.wait_for(timeout=120_000)
+    page.get_by_text("tokens/s").wait_for(timeout=300_000)
+    assert "bpe-tokenization.md" in cards.first.inner_text()
+    answer = page.get_by_test_id("stChatMessage").last.inner_text()
+    assert len(answer.strip()) > 20
+    cards.first.click()
+    page.get_by_text("50,257").first.wait_for(timeout=10_000)  # the passage itself
+    page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
