@@ -26,6 +26,7 @@ class Chunk:
     page: int | None
     heading: str
     index: int
+    page_end: int | None = None
 
 
 def embedding_text(title: str, heading: str, text: str) -> str:
@@ -34,6 +35,23 @@ def embedding_text(title: str, heading: str, text: str) -> str:
     if heading and heading.startswith(title):
         context = heading
     return f"{context}\n{text}" if context else text
+
+
+def merge_short_pages(blocks: list[Block], count_tokens: Callable[[str], int],
+                      size_tokens: int) -> list[Block]:
+    """Join consecutive pages while they fit in one chunk together (recording the range);
+    a page longer than a chunk always stands alone, so its chunks never span pages."""
+    out: list[Block] = []
+    for b in blocks:
+        prev = out[-1] if out else None
+        if (prev is not None and b.page is not None and prev.page is not None
+                and b.start_char == prev.start_char + len(prev.text) + 1
+                and count_tokens(prev.text) + count_tokens(b.text) <= size_tokens):
+            out[-1] = Block(prev.text + "\n" + b.text, prev.start_char, prev.page,
+                            prev.heading, b.page_end or b.page)
+        else:
+            out.append(b)
+    return out
 
 
 def chunk_blocks(
@@ -51,7 +69,7 @@ def chunk_blocks(
         strip_whitespace=True,
     )
     chunks: list[Chunk] = []
-    for block in blocks:
+    for block in merge_short_pages(blocks, count_tokens, size_tokens):
         # Offsets are found here: the splitter's own add_start_index mixes token counts
         # with character offsets when the length function counts tokens.
         cursor = 0
@@ -61,5 +79,5 @@ def chunk_blocks(
             cursor = local + 1
             start = block.start_char + local
             chunks.append(Chunk(text, start, start + len(text), block.page, block.heading,
-                                len(chunks)))
+                                len(chunks), block.page_end or block.page))
     return chunks

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
+import charset_normalizer
+
 from rag_app.errors import LoaderError
 
 
@@ -18,6 +20,7 @@ class Block:
     start_char: int  # offset of `text` in the whole document text
     page: int | None = None
     heading: str = ""
+    page_end: int | None = None  # set when short pages were merged into one block
 
 
 @dataclass
@@ -56,7 +59,9 @@ def load_document(data: bytes, name: str) -> LoadedDocument:
     except Exception as e:  # parser libraries raise many types on corrupt input
         raise LoaderError(f"cannot parse {suffix} file: {type(e).__name__}: {e}") from e
     if not any(b.text.strip() for b in doc.blocks):
-        raise LoaderError("no text found (empty file, or a scanned PDF without a text layer)")
+        if suffix == ".pdf":
+            raise LoaderError("no extractable text (a scanned PDF without a text layer?)")
+        raise LoaderError("no text found (empty file)")
     return doc
 
 
@@ -68,7 +73,21 @@ def _decode(data: bytes) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        return data.decode("cp1252", errors="replace")  # legacy Windows text
+        return _decode_legacy(data)
+
+
+def _decode_legacy(data: bytes) -> str:
+    """Detect a legacy encoding. Windows-1252 wins near-ties: short Western European texts
+    decode equally "cleanly" in several code pages, and 1252 is by far the most common."""
+    matches = list(charset_normalizer.from_bytes(data))
+    if not matches:
+        raise LoaderError("not a text file (unknown encoding)")
+    best = matches[0]
+    for m in matches:
+        if m.encoding == "cp1252" and m.chaos <= best.chaos and \
+                m.coherence >= best.coherence - 0.1:
+            return str(m)
+    return str(best)
 
 
 _HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
@@ -126,6 +145,27 @@ def load_pdf(data: bytes, name: str) -> LoadedDocument:
         offset += len(text) + 1
     title = (reader.metadata.title if reader.metadata else None) or PurePath(name).stem
     return LoadedDocument(str(title), blocks)
+
+
+@register(".csv")
+def load_csv(data: bytes, name: str, rows_per_block: int = 20) -> LoadedDocument:
+    """Groups of rows, each block starting with the header so every chunk keeps it."""
+    import csv
+
+    text = _decode(data)
+    lines = text.splitlines(keepends=True)
+    rows = list(csv.reader(lines))
+    if not rows:
+        return LoadedDocument(PurePath(name).stem, [])
+    header, offset = ", ".join(rows[0]), len(lines[0])
+    blocks = []
+    for i in range(1, len(rows), rows_per_block):
+        group = rows[i:i + rows_per_block]
+        body = "\n".join("; ".join(f"{h}: {v}" for h, v in zip(rows[0], r, strict=False))
+                         for r in group)
+        blocks.append(Block(body, offset, heading=header))
+        offset += sum(len(line) for line in lines[i:i + rows_per_block])
+    return LoadedDocument(PurePath(name).stem, blocks)
 
 
 @register(".html", ".htm")

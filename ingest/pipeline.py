@@ -1,7 +1,10 @@
-"""walk → load → chunk → embed → upsert, one document at a time, with a per-file report.
+"""walk → load → chunk → embed → upsert, with a per-file report.
 
-A document's identity is its source (absolute path, or `upload/NAME` for browser uploads);
-its version is the SHA-256 of its bytes. Unchanged documents cost no embedding work.
+A document's identity is its source (absolute path, `upload/NAME` for browser uploads,
+`archive.zip/inner/path` for zip entries); its version is the SHA-256 of its bytes.
+Unchanged documents cost no embedding work. Chunks of several documents are embedded
+together (the embedder is fastest on full batches) and written with one `merge_insert`
+that replaces those documents whole, so a crash never leaves half a document visible.
 """
 
 from __future__ import annotations
@@ -11,126 +14,163 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import PurePosixPath
+from typing import Any
 
 from ingest.chunking import chunk_blocks, embedding_text
-from ingest.loaders import load_document, supported_suffixes
+from ingest.loaders import load_document
+from ingest.sources import FileResult, Item, SourceFile, expand_zip, walk
 from rag_app.embeddings import Embedder
 from rag_app.errors import LoaderError
-from rag_app.settings import ChunkSettings
+from rag_app.settings import ChunkSettings, IngestionSettings
 from rag_app.store import ChunkStore
 
+__all__ = ["FileResult", "IngestReport", "Ingestor", "SourceFile", "walk"]
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FileResult:
-    path: str
-    status: str  # ingested | unchanged | failed
-    chunks: int = 0
-    error: str | None = None
+MB = 1024 * 1024
 
 
 @dataclass
 class IngestReport:
     results: list[FileResult] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[FileResult]:
         return [r for r in self.results if r.status == "failed"]
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "files": sum(r.status != "failed" for r in self.results),
             "chunks": sum(r.chunks for r in self.results if r.status == "ingested"),
             "ingested": sum(r.status == "ingested" for r in self.results),
             "unchanged": sum(r.status == "unchanged" for r in self.results),
+            "removed": self.removed,
             "failed": [{"path": r.path, "error": r.error} for r in self.failed],
             "results": [asdict(r) for r in self.results],
         }
 
 
 @dataclass
-class SourceFile:
-    """Something to ingest: a source name and a way to read its bytes."""
-
-    source: str
-    read: Callable[[], bytes]
+class _Pending:
+    result: FileResult
+    rows: list[dict[str, Any]]
+    texts: list[str]
 
 
 Progress = Callable[[FileResult], None]
 
 
-def walk(paths: Iterable[Path]) -> Iterator[SourceFile | FileResult]:
-    """Files under `paths` (recursively, hidden ones skipped); bad paths come out as failures."""
-    suffixes = set(supported_suffixes())
-    for path in paths:
-        if path.is_dir():
-            for p in sorted(path.rglob("*")):
-                rel = p.relative_to(path).parts
-                if p.is_file() and not any(part.startswith(".") for part in rel) \
-                        and p.suffix.lower() in suffixes:
-                    yield SourceFile(str(p.resolve()), p.read_bytes)
-        elif path.is_file():
-            yield SourceFile(str(path.resolve()), path.read_bytes)
-        else:
-            yield FileResult(str(path), "failed", error="no such file or folder")
-
-
 class Ingestor:
     """Writes documents into a collection of the store."""
 
-    def __init__(self, embedder: Embedder, store: ChunkStore, chunking: ChunkSettings) -> None:
+    def __init__(self, embedder: Embedder, store: ChunkStore, chunking: ChunkSettings,
+                 limits: IngestionSettings | None = None) -> None:
         self.embedder = embedder
         self.store = store
+        self.limits = limits or IngestionSettings()
         # Leave room for the title/heading line and the [CLS]/[SEP] tokens.
         self.size_tokens = min(chunking.size_tokens, embedder.max_tokens - 32)
         self.overlap_tokens = min(chunking.overlap_tokens, self.size_tokens // 2)
 
-    def ingest(self, files: Iterable[SourceFile | FileResult], collection: str,
-               progress: Progress | None = None) -> IngestReport:
+    def ingest(self, files: Iterable[Item], collection: str, progress: Progress | None = None,
+               sync_prefixes: Iterable[str] = ()) -> IngestReport:
+        """Ingest `files`; with `sync_prefixes`, also remove stored documents under those
+        prefixes that were not seen in `files` (their files are gone)."""
         report = IngestReport()
         known = self.store.document_hashes(collection)
-        for item in files:
-            result = item if isinstance(item, FileResult) else self._one(item, collection, known)
+        pending: list[_Pending] = []
+
+        def finish(result: FileResult) -> None:
             if result.status == "failed":
                 log.warning("skipped %s: %s", result.path, result.error)
             report.results.append(result)
             if progress:
                 progress(result)
-        if any(r.status == "ingested" for r in report.results):
+
+        for item in self._expanded(files):
+            if isinstance(item, FileResult):
+                finish(item)
+                continue
+            prepared = self._prepare(item, known)
+            if isinstance(prepared, FileResult):
+                finish(prepared)
+                continue
+            pending.append(prepared)
+            if sum(len(p.rows) for p in pending) >= self.limits.batch_chunks:
+                self._flush(collection, pending, finish)
+        self._flush(collection, pending, finish)
+        if sync_prefixes:
+            seen = {r.path for r in report.results}
+            gone = [s for s in known if s not in seen
+                    and any(s == p or s.startswith(p.rstrip("/") + "/") for p in sync_prefixes)]
+            self.store.delete_documents(collection, gone)
+            report.removed = sorted(gone)
+        if any(r.status == "ingested" for r in report.results) or report.removed:
             self.store.refresh_indexes(collection)
         return report
 
-    def _one(self, file: SourceFile, collection: str, known: dict[str, str]) -> FileResult:
+    def _expanded(self, files: Iterable[Item]) -> Iterator[Item]:
+        """Open zip archives into their entries; refuse files above the size limit."""
+        max_file = int(self.limits.max_file_mb * MB)
+        for item in files:
+            if isinstance(item, SourceFile) and item.size is not None and item.size > max_file:
+                yield FileResult(item.source, "failed", error=(
+                    f"{item.size / MB:.1f} MB is larger than ingestion.max_file_mb="
+                    f"{self.limits.max_file_mb:g}"))
+            elif isinstance(item, SourceFile) and item.source.lower().endswith(".zip"):
+                try:
+                    data = item.read()
+                except OSError as e:
+                    yield FileResult(item.source, "failed", error=f"cannot read: {e}")
+                    continue
+                yield from expand_zip(item, data, int(self.limits.max_archive_mb * MB),
+                                      max_file)
+            else:
+                yield item
+
+    def _prepare(self, file: SourceFile, known: dict[str, str]) -> _Pending | FileResult:
         try:
             data = file.read()
-            digest = hashlib.sha256(data).hexdigest()
-            if known.get(file.source) == digest:
-                return FileResult(file.source, "unchanged")
-            rows = self._rows(file.source, data, digest)
         except OSError as e:
             return FileResult(file.source, "failed", error=f"cannot read: {e.strerror or e}")
+        digest = hashlib.sha256(data).hexdigest()
+        if known.get(file.source) == digest:
+            return FileResult(file.source, "unchanged")
+        try:
+            rows, texts = self._rows(file.source, data, digest)
         except LoaderError as e:
             return FileResult(file.source, "failed", error=str(e))
-        self.store.upsert_document(collection, file.source, rows)
         known[file.source] = digest
-        return FileResult(file.source, "ingested", chunks=len(rows))
+        return _Pending(FileResult(file.source, "ingested", chunks=len(rows)), rows, texts)
 
-    def _rows(self, source: str, data: bytes, digest: str) -> list[dict]:
-        doc = load_document(data, source)
+    def _flush(self, collection: str, pending: list[_Pending],
+               finish: Callable[[FileResult], None]) -> None:
+        if not pending:
+            return
+        vectors = self.embedder.embed_documents([t for p in pending for t in p.texts])
+        rows = iter(vectors)
+        for p in pending:
+            for row in p.rows:
+                row["vector"] = next(rows)
+        self.store.upsert_documents(collection, {p.result.path: p.rows for p in pending})
+        for p in pending:
+            finish(p.result)
+        pending.clear()
+
+    def _rows(self, source: str, data: bytes, digest: str) -> tuple[list[dict], list[str]]:
+        doc = load_document(data, PurePosixPath(source).name)
         chunks = chunk_blocks(doc.blocks, self.embedder.count_tokens, self.size_tokens,
                               self.overlap_tokens)
-        vectors = self.embedder.embed_documents(
-            [embedding_text(doc.title, c.heading, c.text) for c in chunks])
         now = datetime.now(timezone.utc)
         source_id = hashlib.sha1(source.encode()).hexdigest()[:16]
-        return [
+        rows = [
             {
-                "id": f"{source_id}-{c.index}", "text": c.text, "vector": v, "source": source,
-                "title": doc.title, "page": c.page, "page_end": c.page, "heading": c.heading,
+                "id": f"{source_id}-{c.index}", "text": c.text, "vector": None, "source": source,
+                "title": doc.title, "page": c.page, "page_end": c.page_end, "heading": c.heading,
                 "chunk_index": c.index, "start_char": c.start_char, "end_char": c.end_char,
                 "doc_hash": digest, "ingested_at": now, "embedding_model": self.embedder.name,
             }
-            for c, v in zip(chunks, vectors, strict=True)
+            for c in chunks
         ]
+        return rows, [embedding_text(doc.title, c.heading, c.text) for c in chunks]

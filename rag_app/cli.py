@@ -54,8 +54,12 @@ def _print_json(obj: Any) -> None:
 
 @app.command()
 def ingest(
-    paths: Annotated[list[Path], typer.Argument(help="Files or folders.")],
+    paths: Annotated[list[Path], typer.Argument(help="Files, folders or .zip archives.")],
     collection: CollectionOpt = None,
+    glob: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--glob", help="Only files whose path inside a folder matches, e.g. '*.md'.")] = None,
+    sync: Annotated[bool, typer.Option(
+        "--sync", help="Also remove stored documents under PATHS whose files are gone.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Load, chunk, embed and store files (unchanged files are skipped)."""
@@ -66,13 +70,19 @@ def ingest(
     try:
         settings = _settings(collection=collection)
         services = Services(settings)
-        ingestor = Ingestor(services.embedder, services.store, settings.chunking)
-        files = list(walk(paths))
+        ingestor = Ingestor(services.embedder, services.store, settings.chunking,
+                            settings.ingestion)
+        files = list(walk(paths, glob))
+        done = {"chunks": 0, "failed": 0}
         with tqdm(total=len(files), unit="file", disable=as_json, file=sys.stderr) as bar:
             def progress(result: Any) -> None:
-                bar.set_postfix_str(Path(result.path).name[-30:])
+                done["chunks"] += result.chunks
+                done["failed"] += result.status == "failed"
+                bar.set_postfix(done, refresh=False)
                 bar.update()
-            report = ingestor.ingest(files, settings.collection, progress)
+            report = ingestor.ingest(
+                files, settings.collection, progress,
+                sync_prefixes=[str(p.resolve()) for p in paths] if sync else ())
     except RagError as e:
         raise _fail(e) from None
     out = report.to_json()
@@ -80,7 +90,8 @@ def ingest(
         _print_json(out)
     else:
         typer.echo(f"{out['ingested']} ingested ({out['chunks']} chunks), "
-                   f"{out['unchanged']} unchanged, {len(out['failed'])} failed "
+                   f"{out['unchanged']} unchanged, {len(out['removed'])} removed, "
+                   f"{len(out['failed'])} failed "
                    f"-> collection {settings.collection!r} at {settings.db_uri}")
         for f in out["failed"]:
             typer.secho(f"  failed: {f['path']}: {f['error']}", fg=typer.colors.RED, err=True)

@@ -46,6 +46,14 @@ class ChunkSettings(BaseModel):
         return self
 
 
+class IngestionSettings(BaseModel):
+    max_file_mb: float = Field(100, gt=0, description="Files larger than this are refused.")
+    max_archive_mb: float = Field(
+        1024, gt=0, description="Total uncompressed size read from one zip (bounds zip bombs).")
+    batch_chunks: int = Field(
+        256, ge=1, description="Chunks embedded and written together (bounds memory).")
+
+
 class GenerationSettings(BaseModel):
     """Decoding controls of a GPT. Greedy by default so answers are reproducible."""
 
@@ -117,6 +125,7 @@ class Settings(BaseSettings):
     collection: str = Field("default", description="Table holding one corpus.")
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     chunking: ChunkSettings = Field(default_factory=ChunkSettings)
+    ingestion: IngestionSettings = Field(default_factory=IngestionSettings)
     llm: LLMSettings = Field(default_factory=LLMSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)

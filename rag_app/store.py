@@ -125,15 +125,22 @@ class ChunkStore:
         rows = table.to_lance().to_table(columns=["source", "doc_hash"]).to_pylist()
         return {r["source"]: r["doc_hash"] for r in rows}
 
-    def upsert_document(self, collection: str, source: str, rows: Sequence[dict]) -> None:
-        """Replace all chunks of `source` by `rows` in one atomic commit."""
+    def upsert_documents(self, collection: str, documents: dict[str, Sequence[dict]]) -> None:
+        """Replace all chunks of each source by its rows, in one atomic commit.
+
+        A reader (or a crash) sees every document of the batch either before or after.
+        """
+        if not documents:
+            return
         table = self._create(collection)
-        data = pa.Table.from_pylist(list(rows), schema=table.schema)
+        rows = [row for doc_rows in documents.values() for row in doc_rows]
+        data = pa.Table.from_pylist(rows, schema=table.schema)
+        sources = ", ".join(sql_string(s) for s in documents)
         (
             table.merge_insert("id")
             .when_matched_update_all()
             .when_not_matched_insert_all()
-            .when_not_matched_by_source_delete(f"source = {sql_string(source)}")
+            .when_not_matched_by_source_delete(f"source IN ({sources})")
             .execute(data)
         )
 

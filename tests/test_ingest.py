@@ -96,3 +96,102 @@ def test_other_embedding_model_is_refused(ingestor: Ingestor, store: ChunkStore,
     other = ChunkStore(store.uri, "another/model", store.dim)
     with pytest.raises(EmbeddingMismatchError, match="embedding.model"):
         other.documents("c")
+
+
+def _limits(**kw):
+    from rag_app.settings import IngestionSettings
+    return IngestionSettings(**kw)
+
+
+def test_zip_entries_are_ingested_as_labels_never_as_paths(
+        services, store: ChunkStore, tmp_path: Path) -> None:
+    import zipfile
+    archive = tmp_path / "bundle.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("notes/a.md", "# A\n\nApples are red.")
+        zf.writestr("../../escape.md", "# E\n\nEscaping entries stay labels.")
+        zf.writestr("/abs/b.txt", "Absolute names are labels too.")
+        zf.writestr("image.png", b"\x89PNG")
+    before = set(tmp_path.parent.rglob("*"))
+    ingestor = Ingestor(services.embedder, store, services.settings.chunking)
+    report = ingestor.ingest(walk([archive]), "c").to_json()
+    assert report["ingested"] == 3 and not report["failed"]
+    names = sorted(d["source"].split("bundle.zip/")[1] for d in store.documents("c"))
+    assert names == ["abs/b.txt", "escape.md", "notes/a.md"]
+    new = set(tmp_path.parent.rglob("*")) - before
+    assert new and all((tmp_path / "db") in p.parents for p in new)  # only the database grew
+
+
+def test_zip_bomb_is_bounded_and_big_files_refused(services, store: ChunkStore,
+                                                    tmp_path: Path) -> None:
+    import zipfile
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("small.txt", "fine " * 10)
+        zf.writestr("huge.txt", "a" * 5_000_000)  # compresses to a few KB
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 300_000)  # 1.5 MB
+    ingestor = Ingestor(services.embedder, store, services.settings.chunking,
+                        _limits(max_archive_mb=1, max_file_mb=1))
+    report = ingestor.ingest(walk([bomb, big]), "c").to_json()
+    failed = {f["path"].rsplit("/", 1)[-1]: f["error"] for f in report["failed"]}
+    assert "max_archive_mb" in failed["huge.txt"]
+    assert "max_file_mb" in failed["big.txt"]
+    assert [d["source"].rsplit("/", 1)[-1] for d in store.documents("c")] == ["small.txt"]
+
+
+def test_symlink_loop_does_not_hang(ingestor: Ingestor, store: ChunkStore,
+                                    tmp_path: Path) -> None:
+    folder = tmp_path / "loop"
+    folder.mkdir()
+    (folder / "a.md").write_text("# A\n\nLoops are skipped.")
+    (folder / "self").symlink_to(folder, target_is_directory=True)
+    report = ingestor.ingest(walk([folder]), "c").to_json()
+    assert report["ingested"] == 1 and not report["failed"]
+
+
+def test_legacy_encodings_csv_and_glob(ingestor: Ingestor, store: ChunkStore,
+                                       tmp_path: Path) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "latin.txt").write_bytes("Le café coûte deux euros à Noël.".encode("cp1252"))
+    (folder / "table.csv").write_text("city,population\nOslo,700000\nBergen,285000\n")
+    (folder / "skip.md").write_text("# Skip\n\nNot matched by the glob.")
+    report = ingestor.ingest(walk([folder], "*.[tc]*"), "c").to_json()
+    assert report["ingested"] == 2 and not report["failed"]
+    vec = ingestor.embedder.embed_query("café")
+    texts = [h.text for h in store.search("c", "café Bergen", vec, 5, "vector")]
+    assert any("café coûte" in t for t in texts)
+    assert any("city: Bergen; population: 285000" in t for t in texts)
+
+
+def test_pdf_without_text_layer_says_so() -> None:
+    import io
+
+    from pypdf import PdfWriter
+
+    from ingest.loaders import load_document
+    from rag_app.errors import LoaderError
+    writer = PdfWriter()
+    writer.add_blank_page(200, 200)
+    buf = io.BytesIO()
+    writer.write(buf)
+    with pytest.raises(LoaderError, match="no extractable text"):
+        load_document(buf.getvalue(), "scan.pdf")
+
+
+def test_sync_removes_documents_whose_files_are_gone_and_bad_batch_keeps_index(
+        ingestor: Ingestor, store: ChunkStore, corpus: Path) -> None:
+    ingestor.ingest(walk([corpus]), "c")
+    before = store.documents("c")
+    bad = corpus.parent / "bad"
+    bad.mkdir()
+    (bad / "x.pdf").write_bytes(b"%PDF broken")
+    (bad / "y.txt").write_bytes(b"\x00\x01binary")
+    assert len(ingestor.ingest(walk([bad]), "c").failed) == 2
+    assert store.documents("c") == before
+
+    (corpus / "lancedb.md").unlink()
+    report = ingestor.ingest(walk([corpus]), "c", sync_prefixes=[str(corpus.resolve())])
+    assert [Path(s).name for s in report.removed] == ["lancedb.md"]
+    assert len(store.documents("c")) == len(before) - 1

@@ -19,7 +19,7 @@ st.title("Documents")
 st.caption(render.escape_markdown(f"Collection {collection} at {settings.db_uri}"))
 
 uploads = st.file_uploader("Add documents", accept_multiple_files=True,
-                           help="txt, md, pdf, html, docx")
+                           help="txt, md, pdf, html, docx, csv, or a zip of these")
 if uploads and st.button("Ingest", type="primary", icon=":material/upload:"):
     limit = settings.ui.max_upload_mb * 1024 * 1024
     files: list[SourceFile | FileResult] = []
@@ -30,7 +30,7 @@ if uploads and st.button("Ingest", type="primary", icon=":material/upload:"):
             too_big = f"larger than ui.max_upload_mb={settings.ui.max_upload_mb}"
             files.append(FileResult(source, "failed", error=too_big))
         else:
-            files.append(SourceFile(source, up.getvalue))
+            files.append(SourceFile(source, up.getvalue, up.size))
     bar = st.progress(0.0, text="Ingesting…")
     done = []
 
@@ -39,7 +39,8 @@ if uploads and st.button("Ingest", type="primary", icon=":material/upload:"):
         bar.progress(len(done) / len(files), text=f"{len(done)}/{len(files)} files")
 
     try:
-        ingestor = Ingestor(services.embedder, services.store, settings.chunking)
+        ingestor = Ingestor(services.embedder, services.store, settings.chunking,
+                            settings.ingestion)
         report = ingestor.ingest(files, collection, progress)
     except RagError as e:
         st.error(str(e))
