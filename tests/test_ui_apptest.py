@@ -67,3 +67,13 @@ def test_empty_collection_shows_error_not_traceback(tmp_path, env) -> None:
     at.chat_input[0].set_value("anything?").run()
     assert not at.exception
     assert any("rag ingest" in e.value for e in at.error)
+
+
+def test_gpt_lab_page_steps_greedily(app: AppTest) -> None:
+    app.switch_page("pages/lab.py").run()
+    assert not app.exception
+    before = app.session_state["lab_text"]
+    next(b for b in app.button if b.label == "Append greedy token").click().run()
+    assert not app.exception
+    assert app.session_state["lab_text"].startswith(before)
+    assert len(app.session_state["lab_text"]) > len(before)

@@ -14,5 +14,6 @@ st.set_page_config(page_title="rag_app", page_icon=":material/menu_book:", layou
 pages = [
     st.Page("pages/chat.py", title="Chat", icon=":material/chat:", default=True),
     st.Page("pages/documents.py", title="Documents", icon=":material/folder_open:"),
+    st.Page("pages/lab.py", title="GPT lab", icon=":material/science:"),
 ]
 st.navigation(pages).run()

@@ -1,0 +1,57 @@
+"""GPT lab functions on the real SmolLM2."""
+
+import pytest
+import torch
+
+from rag_app import lab
+
+pytestmark = pytest.mark.slow
+TEXT = "The causal mask lets each token attend to"
+
+
+@pytest.fixture(scope="module")
+def lm(services):
+    return services.lm
+
+
+def test_bpe_pieces_rebuild_the_text(lm) -> None:
+    pieces = lab.tokens(lm, TEXT)
+    assert "".join(p for p, _ in pieces) == TEXT
+    assert len(pieces) < len(TEXT.split()) * 3
+
+
+def test_next_token_distribution_and_cuts(lm) -> None:
+    raw = lab.next_token(lm, TEXT)
+    probs = [c.prob for c in raw]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
+    cut = lab.next_token(lm, TEXT, top_k=3)
+    assert sum(c.processed > 0 for c in cut) == 3
+    assert sum(c.processed for c in cut[:3]) == pytest.approx(1.0, abs=1e-4)
+    cold = lab.next_token(lm, TEXT, temperature=0.05)
+    assert cold[0].processed > 0.95
+    nucleus = lab.next_token(lm, TEXT, top_p=0.5)
+    kept = [c for c in nucleus if c.processed > 0]
+    assert sum(c.prob for c in kept[:-1]) < 0.5 <= sum(c.prob for c in kept) + 1e-6
+
+
+def test_greedy_step_matches_generate(lm) -> None:
+    chosen = lab.step(lm, TEXT, sample=False)
+    ids = lm.tokenizer(TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    out = lm.model.generate(ids, max_new_tokens=1, do_sample=False)
+    assert chosen.id == int(out[0, -1])
+
+
+def test_seeded_sampled_step_is_reproducible(lm) -> None:
+    a = lab.step(lm, TEXT, True, temperature=1.5, seed=3)
+    b = lab.step(lm, TEXT, True, temperature=1.5, seed=3)
+    assert a == b
+
+
+def test_attention_is_causal_and_normalised(lm) -> None:
+    n = len(lab.tokens(lm, TEXT))
+    weights = lab.attention(lm, TEXT, layer=3, head=1)
+    assert weights.shape == (n, n)
+    assert torch.allclose(weights.sum(-1), torch.ones(n), atol=1e-4)
+    assert torch.all(weights.triu(1) == 0)
+    assert torch.equal(lab.causal_mask(n), torch.ones(n, n).tril())
+    assert lm.model.config._attn_implementation != "eager"  # restored for generation
