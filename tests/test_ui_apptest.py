@@ -77,3 +77,14 @@ def test_gpt_lab_page_steps_greedily(app: AppTest) -> None:
     assert not app.exception
     assert app.session_state["lab_text"].startswith(before)
     assert len(app.session_state["lab_text"]) > len(before)
+
+
+def test_document_text_renders_inert() -> None:
+    from ui.render import answer_markdown, highlight
+
+    hostile = "<script>alert(1)</script> [click](javascript:alert(1)) **bold**"
+    shown = highlight(hostile, "click alert")
+    assert "<script>" not in shown and "](javascript" not in shown and "**" not in shown
+    assert ":orange-background[click]" in shown
+    answer = answer_markdown("Paris [1] and [9] <b>x</b>", n_sources=2)
+    assert ":blue-badge[1]" in answer and "\\[9\\]" in answer and "<b>" not in answer

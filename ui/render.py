@@ -1,4 +1,5 @@
-"""Small rendering components. Document text and file names are always shown as text."""
+"""Small rendering components. Document text, file names and model output are escaped, so
+they always show as text (never HTML, links or formatting)."""
 
 from __future__ import annotations
 
@@ -8,44 +9,93 @@ from typing import Any
 
 import streamlit as st
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:=^])")
+_STOP = {"the", "and", "for", "are", "was", "what", "which", "how", "does", "with", "that",
+         "this", "from", "have", "has", "who", "when", "where", "why", "many", "much", "into"}
+CITED, RETRIEVED = "blue", "gray"
 
 
 def escape_markdown(text: str) -> str:
     """Make arbitrary text inert in st.markdown: no links, HTML, formatting or math."""
-    return _MD_SPECIAL.sub(r"\\\1", text)
+    return _MD_SPECIAL.sub(r"\\\1", text).replace("\n", "  \n")
+
+
+def badge(n: int, cited: bool) -> str:
+    return f":{CITED if cited else RETRIEVED}-badge[{n}]"
+
+
+def answer_markdown(text: str, n_sources: int) -> str:
+    """The answer as inert text, with each valid [n] turned into its source's badge."""
+    escaped = escape_markdown(text)
+    return re.sub(r"\\\[(\d+)\\\]", lambda m: badge(int(m[1]), True)
+                  if 1 <= int(m[1]) <= n_sources else m[0], escaped)
+
+
+def confidence_markdown(tokens: list[dict[str, Any]]) -> str:
+    """Each answer token on a background coloured by the model's probability for it."""
+    def colour(p: float) -> str:
+        return "green" if p >= 0.7 else "orange" if p >= 0.3 else "red"
+    return "".join(f":{colour(t['prob'])}-background[{escape_markdown(t['text'])}]"
+                   if t["text"].strip() else escape_markdown(t["text"]) for t in tokens)
+
+
+def highlight(text: str, query: str) -> str:
+    """Escape `text` and mark the query's content words in it."""
+    terms = {w for w in re.findall(r"\w+", query.lower()) if len(w) > 2 and w not in _STOP}
+    if not terms:
+        return escape_markdown(text)
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(terms))) + r")\w*",
+                         re.IGNORECASE)
+    out, last = [], 0
+    for m in pattern.finditer(text):
+        out += [escape_markdown(text[last:m.start()]),
+                f":orange-background[{escape_markdown(m[0])}]"]
+        last = m.end()
+    return "".join(out) + escape_markdown(text[last:])
 
 
 def source_title(s: dict[str, Any], cited: bool) -> str:
-    name = PurePath(str(s["source"])).name
+    name = escape_markdown(PurePath(str(s["source"])).name)
     page = f", p. {s['page']}" if s.get("page") is not None else ""
     mark = "cited" if cited else "retrieved"
-    return f"[{s['n']}] {name}{page} · {mark} · score {s['score']:.3f}"
+    return f"{badge(s['n'], cited)} {name}{page} · {mark} · score {s['score']:.3f}"
 
 
-def source_cards(sources: list[dict[str, Any]], cited: list[int]) -> None:
+def source_cards(sources: list[dict[str, Any]], cited: list[int], query: str = "") -> None:
     if not sources:
         return
-    st.caption(f"Sources ({len(sources)} retrieved, {len(cited)} cited)")
+    st.caption(f"Sources: {len(sources)} retrieved, {len(cited)} cited")
     for s in sources:
-        with st.expander(escape_markdown(source_title(s, s["n"] in cited))):
+        with st.expander(source_title(s, s["n"] in cited)):
             if s.get("heading"):
                 st.caption(escape_markdown(s["heading"]))
-            st.markdown(escape_markdown(s["text"]))
+            st.markdown(highlight(s["text"], query))
             st.caption(escape_markdown(str(s["source"])))
 
 
 def answer_caption(answer: dict[str, Any]) -> None:
     t = answer["timings"]
+    if not answer["found"]:
+        st.caption(f"retrieval {t['retrieve_ms']:.0f} ms · the model was not called")
+        return
     st.caption(
-        f"{answer.get('model')} on {answer.get('device')} · retrieval {t['retrieve_ms']:.0f} ms"
-        f" · first token {t['first_token_ms']:.0f} ms · {t['tokens_per_s']:.1f} tokens/s")
+        f"{escape_markdown(str(answer.get('model')))} on {answer.get('device')} · "
+        f"retrieval {t['retrieve_ms']:.0f} ms · first token {t['first_token_ms']:.0f} ms · "
+        f"{t['tokens_per_s']:.1f} tokens/s")
 
 
-def past_answer(answer: dict[str, Any]) -> None:
-    if answer["found"]:
-        st.markdown(answer["answer"])
-    else:
+def answer_body(answer: dict[str, Any], confidence: bool = False) -> None:
+    if not answer["found"]:
         st.warning(answer["answer"], icon=":material/search_off:")
-    source_cards(answer["sources"], answer["cited"])
+    elif confidence and answer.get("tokens"):
+        st.markdown(confidence_markdown(answer["tokens"]))
+        st.caption("Background: the model's probability for each token "
+                   "(green ≥ 0.7, orange ≥ 0.3, red below).")
+    else:
+        st.markdown(answer_markdown(answer["answer"], len(answer["sources"])))
+
+
+def past_answer(answer: dict[str, Any], confidence: bool = False) -> None:
+    answer_body(answer, confidence)
+    source_cards(answer["sources"], answer["cited"], answer.get("query", ""))
     answer_caption(answer)

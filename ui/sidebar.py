@@ -16,8 +16,17 @@ def render(services: Services) -> None:
         known = services.store.collections() or [s.collection]
         if s.collection not in known:
             known.insert(0, s.collection)
-        st.session_state["collection"] = st.selectbox(
-            "Collection", known, index=known.index(state.collection(s.collection)))
+        current = state.collection(s.collection)
+        if current not in known:
+            known.append(current)
+        chosen = st.selectbox("Collection", known, index=known.index(current))
+        new = st.text_input("New collection", placeholder="name, then Enter",
+                            help="Letters, digits, '_' or '-'; created by its first upload.")
+        if new and new.replace("_", "").replace("-", "").isalnum():
+            chosen = new
+        elif new:
+            st.error("A collection name uses letters, digits, '_' or '-'.")
+        st.session_state["collection"] = chosen
         st.subheader("Retrieval")
         opts["mode"] = st.radio("Mode", ["hybrid", "vector", "fulltext"], horizontal=True,
                                 index=["hybrid", "vector", "fulltext"].index(s.retrieval.mode))
@@ -35,3 +44,5 @@ def render(services: Services) -> None:
             seed = st.number_input("Seed (-1 = random)", -1, 2**31 - 1, g.seed or -1)
             opts["seed"] = None if seed < 0 else int(seed)
         opts["max_new_tokens"] = st.slider("Max new tokens", 16, 1024, g.max_new_tokens, 16)
+        st.session_state["show_confidence"] = st.toggle(
+            "Colour answers by confidence", help="Each token's probability under the model.")

@@ -52,3 +52,7 @@ def options() -> dict[str, Any]:
 
 def collection(default: str) -> str:
     return st.session_state.get("collection") or default
+
+
+def show_confidence() -> bool:
+    return bool(st.session_state.get("show_confidence"))

@@ -23,7 +23,7 @@ for msg in history:
         if msg["role"] == "user":
             st.text(msg["content"])
         else:
-            render.past_answer(msg["answer"])
+            render.past_answer(msg["answer"], state.show_confidence())
 
 question = st.chat_input("Ask a question about your documents")
 if not question:
@@ -33,7 +33,7 @@ with st.chat_message("user"):
     st.text(question)
 
 with st.chat_message("assistant"):
-    answer_box, sources_box = st.container(), st.empty()
+    answer_box, sources_box = st.empty(), st.empty()
     result: dict = {}
     try:
         chain = services.chain(state.collection(services.settings.collection))
@@ -41,7 +41,8 @@ with st.chat_message("assistant"):
         with st.spinner("Searching your documents…"):
             docs = next(events)  # the first event is always the retrieved sources
         with sources_box.container():
-            render.source_cards([source_json(n, d) for n, d in enumerate(docs, 1)], [])
+            render.source_cards([source_json(n, d) for n, d in enumerate(docs, 1)], [],
+                                question)
 
         def tokens() -> Iterator[str]:
             for event in events:
@@ -50,16 +51,16 @@ with st.chat_message("assistant"):
                 else:
                     yield event
 
-        with answer_box, st.spinner("Generating…"):
+        with answer_box.container(), st.spinner("Generating…"):
             st.write_stream(tokens())
     except RagError as e:
         st.error(str(e))
         st.stop()
     answer = result["answer"]
-    if not answer["found"]:
-        answer_box.warning(answer["answer"], icon=":material/search_off:")
+    with answer_box.container():  # the streamed text, now with citation badges
+        render.answer_body(answer, state.show_confidence())
     with sources_box.container():
-        render.source_cards(answer["sources"], answer["cited"])
+        render.source_cards(answer["sources"], answer["cited"], question)
     render.answer_caption(answer)
     history += [{"role": "user", "content": question},
                 {"role": "assistant", "content": answer["answer"], "answer": answer}]
