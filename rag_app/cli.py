@@ -217,7 +217,8 @@ def ui(port: Annotated[Optional[int], typer.Option()] = None) -> None:  # noqa: 
     script = Path(spec.origin).parent / "app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(script),
            "--server.port", str(port or settings.ui.port), "--server.headless", "true",
-           "--browser.gatherUsageStats", "false"]
+           "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
+           "--server.maxUploadSize", str(settings.ui.max_upload_mb)]
     if state.get("config"):
         cmd += ["--", "--config", str(state["config"])]
     raise typer.Exit(subprocess.call(cmd))

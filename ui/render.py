@@ -58,7 +58,9 @@ def source_title(s: dict[str, Any], cited: bool) -> str:
     name = escape_markdown(PurePath(str(s["source"])).name)
     page = f", p. {s['page']}" if s.get("page") is not None else ""
     mark = "cited" if cited else "retrieved"
-    return f"{badge(s['n'], cited)} {name}{page} · {mark} · score {s['score']:.3f}"
+    similarity = s.get("similarity")
+    match = f" · similarity {similarity:.2f}" if similarity is not None else ""
+    return f"{badge(s['n'], cited)} {name}{page} · {mark}{match}"
 
 
 def source_cards(sources: list[dict[str, Any]], cited: list[int], query: str = "") -> None:
