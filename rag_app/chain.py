@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +18,13 @@ from langchain_core.messages import AIMessageChunk
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda, RunnablePassthrough
 
 from rag_app.chat_model import LocalChatModel, generation_options
-from rag_app.prompt import NOT_FOUND, build_messages, fit_sources, parse_citations
+from rag_app.prompt import (
+    NOT_FOUND,
+    build_messages,
+    condense_question,
+    fit_sources,
+    parse_citations,
+)
 from rag_app.retriever import LanceRetriever
 
 RETRIEVAL_KEYS = ("k", "mode", "min_similarity", "source", "collection")
@@ -27,6 +33,7 @@ RETRIEVAL_KEYS = ("k", "mode", "min_similarity", "source", "collection")
 @dataclass
 class RagAnswer:
     question: str
+    query: str  # the standalone query actually searched (differs for follow-ups)
     answer: str
     sources: list[Document]
     cited: list[int]
@@ -37,7 +44,7 @@ class RagAnswer:
     def to_json(self) -> dict[str, Any]:
         meta = self.metadata
         return {
-            "question": self.question, "query": self.question, "answer": self.answer,
+            "question": self.question, "query": self.query, "answer": self.answer,
             "found": self.found, "sources": [source_json(n, d) for n, d in
                                              enumerate(self.sources, 1)],
             "cited": self.cited, "model": meta.get("model_name"), "device": meta.get("device"),
@@ -62,7 +69,8 @@ class RagChain:
         self.retriever = retriever
         self.chat_model = chat_model
         self.runnable: Runnable = (
-            RunnablePassthrough.assign(docs=RunnableLambda(self._retrieve, name="retrieve"))
+            RunnablePassthrough.assign(query=RunnableLambda(_condense, name="condense"))
+            .assign(docs=RunnableLambda(self._retrieve, name="retrieve"))
             .assign(docs=RunnableLambda(self._fit, name="fit_to_context"))
             .assign(messages=RunnableLambda(self._prompt, name="prompt"))
             .assign(answer=RunnableLambda(self._generate, name="generate"))
@@ -70,18 +78,18 @@ class RagChain:
 
     def _retrieve(self, x: dict[str, Any], config: RunnableConfig) -> list[Document]:
         opts = {k: x[k] for k in RETRIEVAL_KEYS if x.get(k) is not None}
-        return self.retriever.invoke(x["question"], config, **opts)
+        return self.retriever.invoke(x["query"], config, **opts)
 
     def _fit(self, x: dict[str, Any]) -> list[Document]:
         """Keep the best sources that fit: context length - answer budget - template."""
         lm = self.chat_model.lm
         options = generation_options(self.chat_model.generation, x.get("generation", {}))
         budget = lm.context_length - options.max_new_tokens
-        return fit_sources(x["question"], x["docs"], lm.count_chat_tokens, budget)
+        return fit_sources(x["query"], x["docs"], lm.count_chat_tokens, budget)
 
     @staticmethod
     def _prompt(x: dict[str, Any]) -> list[dict[str, str]]:
-        return build_messages(x["question"], x["docs"])
+        return build_messages(x["query"], x["docs"])
 
     def _generate(self, x: dict[str, Any], config: RunnableConfig) -> Iterator[AIMessageChunk]:
         if not x["docs"]:  # nothing relevant: say so without calling the model
@@ -94,17 +102,23 @@ class RagChain:
         )
 
     # -- convenience over the runnable ----------------------------------------------------
-    def stream_events(self, question: str, **options: Any
+    def stream_events(self, question: str, history: Sequence[str] = (), **options: Any
                       ) -> Iterator[list[Document] | str | RagAnswer]:
-        """Yield the sources (a list) once retrieved, then answer text pieces, then RagAnswer."""
+        """Yield the sources (a list) once retrieved, then answer text pieces, then RagAnswer.
+
+        `history`: the earlier (standalone) queries of this conversation, oldest first; a
+        follow-up is rewritten into a standalone query with them before retrieval.
+        """
         started = time.perf_counter()
-        inputs = {"question": question, **_split_options(options)}
+        inputs = {"question": question, "history": list(history), **_split_options(options)}
         generation_options(self.chat_model.generation, inputs["generation"])  # fail early
         docs: list[Document] = []
+        query = question
         pieces: list[str] = []
         message: AIMessageChunk | None = None
         retrieve_ms = 0.0
         for chunk in self.runnable.stream(inputs):
+            query = chunk.get("query", query)
             if "docs" in chunk:
                 docs = chunk["docs"]
                 retrieve_ms = (time.perf_counter() - started) * 1000
@@ -118,7 +132,8 @@ class RagChain:
         answer = "".join(pieces).strip()
         found = not meta.get("not_found")
         yield RagAnswer(
-            question, answer, docs, parse_citations(answer, len(docs)) if found else [], found,
+            question, query, answer, docs,
+            parse_citations(answer, len(docs)) if found else [], found,
             {**self._model_meta(), **meta},
             {"retrieve_ms": retrieve_ms,
              "first_token_ms": meta.get("first_token_ms", 0.0),
@@ -126,8 +141,8 @@ class RagChain:
              "tokens_per_s": meta.get("tokens_per_s", 0.0),
              "total_ms": (time.perf_counter() - started) * 1000})
 
-    def answer(self, question: str, **options: Any) -> RagAnswer:
-        *_, final = self.stream_events(question, **options)
+    def answer(self, question: str, history: Sequence[str] = (), **options: Any) -> RagAnswer:
+        *_, final = self.stream_events(question, history, **options)
         assert isinstance(final, RagAnswer)
         return final
 
@@ -135,6 +150,10 @@ class RagChain:
         lm = self.chat_model.lm
         return {"model_name": lm.name, "device": lm.device,
                 "dtype": str(lm.dtype).removeprefix("torch.")}
+
+
+def _condense(x: dict[str, Any]) -> str:
+    return condense_question(x["question"], x.get("history", []))
 
 
 def _split_options(options: dict[str, Any]) -> dict[str, Any]:

@@ -71,3 +71,29 @@ def parse_citations(answer: str, n_sources: int) -> list[int]:
                 if 1 <= n <= n_sources and n not in cited:
                     cited.append(n)
     return cited
+
+
+_REFERRING = {"it", "its", "they", "them", "their", "theirs", "this", "that", "these", "those",
+              "he", "him", "his", "she", "her", "there", "then", "one", "ones", "same", "former",
+              "latter", "else", "also", "too", "instead"}
+_OPENERS = ("and ", "but ", "or ", "so ", "what about", "how about", "and?", "why?", "how?")
+
+
+def is_follow_up(question: str) -> bool:
+    """Does the question lean on the conversation (pronouns, "and ...", "what about ...")?"""
+    q = question.strip().lower()
+    words = re.findall(r"[a-z0-9']+", q)
+    return q.startswith(_OPENERS) or len(words) <= 3 or any(w in _REFERRING for w in words)
+
+
+def condense_question(question: str, history: Sequence[str]) -> str:
+    """A standalone query for retrieval: a follow-up is prefixed with the previous question.
+
+    Deterministic on purpose: the small default model rewrites follow-ups unreliably
+    (it answers or repeats them instead), while the previous question carries exactly the
+    subject a pronoun refers to, for both BM25 and the embedder.
+    """
+    earlier = [h.strip() for h in history if h.strip()]
+    if not earlier or not is_follow_up(question):
+        return question.strip()
+    return f"{earlier[-1]} {question.strip()}"

@@ -34,3 +34,16 @@ def test_fit_sources_drops_lowest_ranked_first_and_keeps_question() -> None:
     kept = fit_sources("q", docs, count, full - 10)
     assert kept == docs[:3]
     assert fit_sources("q", docs, count, 5) == []
+
+
+def test_follow_ups_are_condensed_with_the_previous_query() -> None:
+    from rag_app.prompt import condense_question
+
+    prev = ["Who introduced nucleus sampling?"]
+    assert condense_question("And what does it keep?", prev) == (
+        "Who introduced nucleus sampling? And what does it keep?")
+    assert condense_question("What about SmolLM2?", ["How big is GPT-2's vocabulary?"]) \
+        .startswith("How big is GPT-2's vocabulary?")
+    standalone = "How many layers does GPT-2 small have?"
+    assert condense_question(standalone, prev) == standalone
+    assert condense_question("And what does it keep?", []) == "And what does it keep?"

@@ -98,6 +98,8 @@ def answer_body(answer: dict[str, Any], confidence: bool = False) -> None:
 
 
 def past_answer(answer: dict[str, Any], confidence: bool = False) -> None:
+    if answer.get("query") and answer["query"] != answer.get("question"):
+        st.caption(escape_markdown(f"Searched for: {answer['query']}"))
     answer_body(answer, confidence)
     source_cards(answer["sources"], answer["cited"], answer.get("query", ""))
     answer_caption(answer)

@@ -37,7 +37,8 @@ with st.chat_message("assistant"):
     result: dict = {}
     try:
         chain = services.chain(state.collection(services.settings.collection))
-        events = chain.stream_events(question, **state.options())
+        earlier = [m["answer"]["query"] for m in history if m["role"] == "assistant"]
+        events = chain.stream_events(question, earlier, **state.options())
         with st.spinner("Searching your documents…"):
             docs = next(events)  # the first event is always the retrieved sources
         with sources_box.container():
@@ -57,6 +58,8 @@ with st.chat_message("assistant"):
         st.error(str(e))
         st.stop()
     answer = result["answer"]
+    if answer["query"] != question:
+        st.caption(render.escape_markdown(f"Searched for: {answer['query']}"))
     with answer_box.container():  # the streamed text, now with citation badges
         render.answer_body(answer, state.show_confidence())
     with sources_box.container():
