@@ -1,7 +1,10 @@
-"""Decoder speed of the configured LLM on a RAG-sized prompt: time to first token and
-decode tokens/s, per dtype and CPU thread count. Prints a Markdown table.
+"""Decoder speed on a RAG-shaped prompt (about 1,500 tokens of sources + a question,
+128 new greedy tokens): load time (cold GGUF conversion and cached), time to first token and
+decode tokens/s for transformers (fp32, bf16, 1 and all threads) and, in the same run, for
+llama.cpp on the same GGUF file when `llama-cpp-python` is installed (`pip install
+'rag_app[bench]'`). Prints a Markdown table.
 
-    .venv/bin/python benchmarks/generation.py [--runs 3] [--new-tokens 64]
+    .venv/bin/python benchmarks/generation.py [--runs 3] [--new-tokens 128]
 """
 
 from __future__ import annotations
@@ -9,43 +12,103 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from rag_app.llm import Generation, LocalLM
-from rag_app.settings import load_settings
+from rag_app.llm import LocalLM
+from rag_app.locate import resolve_model_ref
+from rag_app.settings import BUNDLED_LLM, load_settings
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
 
-def rag_prompt(words: int = 1000) -> list[dict[str, str]]:
-    text = " ".join(" ".join(p.read_text().split()) for p in sorted(DATA.glob("*.md")))
-    context = " ".join(text.split()[:words])
-    return [{"role": "system", "content": "Answer only from the sources and cite [n]."},
-            {"role": "user", "content": f"Sources:\n[1] {context}\n\nQuestion: What is BPE?"}]
+def rag_messages(lm: LocalLM, target_tokens: int = 1500) -> list[dict[str, str]]:
+    """Numbered demo passages until the prompt holds about `target_tokens` tokens."""
+    texts = [" ".join(p.read_text().split()) for p in sorted(DATA.glob("*.md"))]
+    sources: list[str] = []
+    messages: list[dict[str, str]] = []
+    while not messages or lm.count_chat_tokens(messages) < target_tokens:
+        sources.append(f"[{len(sources) + 1}] {texts[len(sources) % len(texts)]}")
+        messages = [{"role": "system", "content": "Answer only from the sources; cite [n]."},
+                    {"role": "user", "content": "Sources:\n" + "\n\n".join(sources)
+                     + "\n\nQuestion: How does byte-pair encoding build its vocabulary?"}]
+    return messages
+
+
+def bench_transformers(lm: LocalLM, messages: list, new_tokens: int, runs: int
+                       ) -> tuple[float, float]:
+    options = load_settings().generation.model_copy(update={"max_new_tokens": new_tokens})
+    gens = [lm.generate(messages, options) for _ in range(runs)]
+    return (statistics.median(g.first_token_s for g in gens) * 1000,
+            statistics.median(g.tokens_per_s for g in gens))
+
+
+def bench_llama_cpp(gguf: str, prompt_text: str, new_tokens: int, runs: int, threads: int
+                    ) -> tuple[float, float, float] | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    started = time.perf_counter()
+    llm = Llama(model_path=gguf, n_ctx=4096, n_threads=threads, verbose=False)
+    load_s = time.perf_counter() - started
+    firsts, rates = [], []
+    for _ in range(runs):
+        llm.reset()
+        started = time.perf_counter()
+        first, count = None, 0
+        for _chunk in llm(prompt_text, max_tokens=new_tokens, temperature=0.0, stream=True):
+            count += 1
+            if first is None:
+                first = time.perf_counter() - started
+        total = time.perf_counter() - started
+        firsts.append((first or total) * 1000)
+        rates.append((count - 1) / (total - (first or total)) if count > 1 else 0.0)
+    return load_s, statistics.median(firsts), statistics.median(rates)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
     args = parser.parse_args()
     settings = load_settings()
-    messages = rag_prompt()
-    print(f"machine: {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} torch threads available, torch {torch.__version__}")
-    print("| dtype | threads | prompt tokens | first token ms (median) | decode tok/s (median) |")
+    threads_all = torch.get_num_threads()
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        started = time.perf_counter()
+        LocalLM(settings.llm.model_copy(update={"cache_dir": Path(cache)}))
+        cold_s = time.perf_counter() - started
+        for dtype in ("float32", "bfloat16"):
+            started = time.perf_counter()
+            lm = LocalLM(settings.llm.model_copy(update={"cache_dir": Path(cache),
+                                                         "dtype": dtype}))
+            load_s = time.perf_counter() - started
+            messages = rag_messages(lm)
+            for threads in sorted({1, threads_all}):
+                torch.set_num_threads(threads)
+                first_ms, rate = bench_transformers(lm, messages, args.new_tokens, args.runs)
+                rows.append((f"transformers {dtype}", threads, load_s, first_ms, rate))
+        torch.set_num_threads(threads_all)
+        prompt_tokens = lm.count_chat_tokens(messages)
+        prompt_text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                       tokenize=False)
+    if settings.llm.model == BUNDLED_LLM:
+        gguf = resolve_model_ref(BUNDLED_LLM, "llm.model")
+        for threads in sorted({1, threads_all}):
+            res = bench_llama_cpp(gguf, prompt_text, args.new_tokens, args.runs, threads)
+            if res is not None:
+                rows.append(("llama.cpp (same GGUF)", threads, *res))
+    print(f"machine: {platform.machine()}, {threads_all} threads, torch {torch.__version__}; "
+          f"prompt {prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, "
+          f"median of {args.runs}; cold GGUF conversion + load: {cold_s:.1f} s")
+    print("| backend | threads | load s | first token ms | decode tok/s |")
     print("|---|---|---|---|---|")
-    for dtype in ("float32", "bfloat16"):
-        lm = LocalLM(settings.llm.model_copy(update={"dtype": dtype}))
-        options = settings.generation.model_copy(update={"max_new_tokens": args.new_tokens})
-        for threads in sorted({1, torch.get_num_threads()}):
-            torch.set_num_threads(threads)
-            runs: list[Generation] = [lm.generate(messages, options) for _ in range(args.runs)]
-            print(f"| {dtype} | {threads} | {runs[0].prompt_tokens} | "
-                  f"{statistics.median(r.first_token_s for r in runs) * 1000:.0f} | "
-                  f"{statistics.median(r.tokens_per_s for r in runs):.1f} |")
+    for name, threads, load_s, first_ms, rate in rows:
+        print(f"| {name} | {threads} | {load_s:.1f} | {first_ms:.0f} | {rate:.1f} |")
 
 
 if __name__ == "__main__":

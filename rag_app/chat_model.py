@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel
+from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
@@ -58,21 +58,60 @@ class LocalChatModel(BaseChatModel):
 
     lm: LocalLM = Field(exclude=True)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    # LangChain's standard parameters, applied over `generation` (None = keep it)
+    max_tokens: int | None = Field(None, ge=1, description="= generation.max_new_tokens.")
+    temperature: float | None = Field(
+        None, ge=0.0, description="0 = greedy; > 0 = sample at this temperature.")
+    stop: list[str] | None = Field(None, description="Default stop sequences.")
+    streaming: bool = Field(False, description="invoke() streams internally (callbacks).")
 
     @property
     def _llm_type(self) -> str:
         return "rag-app-local-transformers"
 
     @property
+    def model_name(self) -> str:
+        return self.lm.name
+
+    @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model_name": self.lm.name, **self.generation.model_dump()}
+        return {"model_name": self.lm.name, **self._options({}).model_dump()}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        options = self._options(kwargs)
+        params = LangSmithParams(
+            ls_provider="huggingface", ls_model_type="chat",
+            ls_model_name=kwargs["model"] if isinstance(kwargs.get("model"), str)
+            else self.lm.name,
+            ls_temperature=options.temperature if options.do_sample else 0.0,
+            ls_max_tokens=options.max_new_tokens)
+        if stops := self._stops(stop):
+            params["ls_stop"] = stops
+        return params
+
+    def _options(self, kwargs: dict[str, Any]) -> GenerationSettings:
+        """`generation`, then the standard parameters, then per-call overrides."""
+        overrides: dict[str, Any] = {}
+        for source in (self.model_dump(include={"max_tokens", "temperature"}), kwargs):
+            overrides.update({k: v for k, v in source.items() if v is not None})
+            if source.get("max_tokens") is not None:
+                overrides["max_new_tokens"] = source["max_tokens"]
+            if (t := source.get("temperature")) is not None and "do_sample" not in source:
+                overrides["do_sample"] = t > 0
+                if t == 0:
+                    del overrides["temperature"]
+        return generation_options(self.generation, overrides)
+
+    def _stops(self, stop: list[str] | None) -> list[str] | None:
+        stops = [*(self.stop or []), *(stop or [])]
+        return list(dict.fromkeys(s for s in stops if s)) or None
 
     def _stream(
         self, messages: list[BaseMessage], stop: list[str] | None = None,
         run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        options = generation_options(self.generation, kwargs)
-        for item in self.lm.stream(to_chat_messages(messages), options, stop):
+        options = self._options(kwargs)
+        for item in self.lm.stream(to_chat_messages(messages), options, self._stops(stop)):
             if isinstance(item, Generation):
                 chunk = AIMessageChunk(content="", usage_metadata=_usage(item),
                                        response_metadata=generation_metadata(self.lm, item),
@@ -87,8 +126,8 @@ class LocalChatModel(BaseChatModel):
         self, messages: list[BaseMessage], stop: list[str] | None = None,
         run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any,
     ) -> ChatResult:
-        options = generation_options(self.generation, kwargs)
-        gen = self.lm.generate(to_chat_messages(messages), options, stop)
+        options = self._options(kwargs)
+        gen = self.lm.generate(to_chat_messages(messages), options, self._stops(stop))
         message = AIMessage(content=gen.text, usage_metadata=_usage(gen),
                             response_metadata=generation_metadata(self.lm, gen))
         return ChatResult(generations=[ChatGeneration(message=message)])

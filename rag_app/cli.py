@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from rag_app.errors import RagError
+from rag_app.eval_cli import eval_command
 from rag_app.factory import Services
 from rag_app.settings import Settings, load_settings
 
@@ -151,6 +152,9 @@ def ask(
                "num_beams": num_beams, "seed": seed}
     try:
         chain = Services(_settings(collection=collection)).chain()
+        if (num_beams or 1) > 1 and not as_json:
+            typer.secho("beam search is not streamed: the answer appears when it is done",
+                        dim=True, err=True)
         result = None
         for event in chain.stream_events(question, **options):
             if isinstance(event, RagAnswer):
@@ -223,6 +227,8 @@ def ui(port: Annotated[Optional[int], typer.Option()] = None) -> None:  # noqa: 
         cmd += ["--", "--config", str(state["config"])]
     raise typer.Exit(subprocess.call(cmd))
 
+
+app.command("eval")(eval_command)
 
 if __name__ == "__main__":
     app()

@@ -50,6 +50,7 @@ class Generation:
     first_token_s: float
     total_s: float
     streamed: bool
+    token_ids: list[int] = field(default_factory=list)  # generated ids, special ones included
 
     @property
     def mean_logprob(self) -> float | None:
@@ -116,7 +117,7 @@ class LocalLM:
             elapsed = time.perf_counter() - started
             yield text
             yield Generation(text, self._probs_by_forward(enc, ids), prompt_len, elapsed,
-                             elapsed, streamed=False)
+                             elapsed, streamed=False, token_ids=ids.tolist())
             return
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
                                         skip_special_tokens=True, timeout=600)
@@ -148,7 +149,8 @@ class LocalLM:
         out = result["out"]
         ids = out.sequences[0, prompt_len:]
         yield Generation("".join(pieces), self._probs_from_logits(ids, out.logits), prompt_len,
-                         first if first is not None else total, total, streamed=True)
+                         first if first is not None else total, total, streamed=True,
+                         token_ids=ids.tolist())
 
     def generate(self, messages: Sequence[Message], options: GenerationSettings,
                  stop: Sequence[str] | None = None) -> Generation:
@@ -210,6 +212,25 @@ class LocalLM:
                 [(self.tokenizer.decode([int(i)]), float(p))
                  for p, i in zip(top_p[step], top_i[step], strict=True)]))
         return out
+
+
+def _filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
+                    ) -> torch.Tensor:
+    """Sampling distribution of one step, as transformers' temperature / top-k / top-p
+    processors apply them (in that order)."""
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0")
+    scores = logits.float() / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = scores.topk(top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = scores.sort(descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= 1 - top_p
+        drop[-1] = False  # always keep the likeliest token
+        scores = scores.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return torch.softmax(scores, dim=-1)
 
 
 def _load(settings: LLMSettings, device: str, dtype: torch.dtype

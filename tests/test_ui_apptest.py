@@ -54,7 +54,7 @@ def test_clear_conversation(app: AppTest) -> None:
 
 
 def test_documents_page_lists_documents(app: AppTest) -> None:
-    app.switch_page("pages/documents.py").run()
+    app.switch_page("views/documents.py").run()
     assert not app.exception
     table = app.dataframe[0].value
     assert len(table) == 8 and table["chunks"].min() >= 1
@@ -70,7 +70,7 @@ def test_empty_collection_shows_error_not_traceback(tmp_path, env) -> None:
 
 
 def test_gpt_lab_page_steps_greedily(app: AppTest) -> None:
-    app.switch_page("pages/lab.py").run()
+    app.switch_page("views/lab.py").run()
     assert not app.exception
     before = app.session_state["lab_text"]
     next(b for b in app.button if b.label == "Append greedy token").click().run()

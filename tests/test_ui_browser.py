@@ -25,8 +25,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def server(demo_index, env, tmp_path: Path):
+def server(demo_index, env, tmp_path: Path, request):
     demo_index.lm  # noqa: B018 - converted model in the session cache first
+    if getattr(request, "param", None) == "empty":
+        env.setenv("RAG_DB_URI", str(tmp_path / "fresh-db"))
     port = _free_port()
     log = (tmp_path / "ui.log").open("w")
     proc = subprocess.Popen([str(Path(sys.executable).with_name("rag")), "ui", "--port",
@@ -57,8 +59,58 @@ def page(server: str):
             "--disable-component-update", "--disable-sync", "--no-first-run"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(server)
+        page.get_by_test_id("stChatInputTextArea").wait_for(timeout=120_000)  # first run done
         yield page
         browser.close()
+
+
+def idle(page) -> None:
+    """Wait until Streamlit has finished running the script (its own state, no sleeps)."""
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]',
+                           timeout=300_000)
+
+
+def ask(page, question: str) -> str:
+    box = page.get_by_test_id("stChatInputTextArea")
+    box.wait_for(timeout=120_000)
+    box.fill(question)
+    box.press("Enter")
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="running"]',
+                           timeout=30_000)
+    idle(page)
+    return page.get_by_test_id("stChatMessage").last.inner_text()
+
+
+@pytest.mark.parametrize("server", ["empty"], indirect=True)
+def test_upload_ask_delete_in_browser(page, server: str, tmp_path: Path) -> None:
+    note = tmp_path / "reactor-notes.md"
+    note.write_text("# Kepler station\n\nThe Zorblat reactor on Kepler station produces "
+                    "42 gigawatts of power. It was switched on in 2091.\n")
+    page.goto(server + "/documents")
+    page.get_by_text("No documents yet").wait_for(timeout=120_000)
+    page.locator("input[type=file]").set_input_files(str(note))
+    page.get_by_role("button", name="Ingest").click()
+    page.get_by_text("1 ingested").wait_for(timeout=120_000)
+    idle(page)
+    page.screenshot(path=str(tmp_path / "documents.png"), full_page=True)
+    page.get_by_test_id("stMultiSelect").wait_for()  # the document list offers it for deletion
+
+    page.goto(server)
+    idle(page)
+    answer = ask(page, "How much power does the Zorblat reactor produce?")
+    assert "reactor-notes.md" in answer and "42" in answer
+
+    page.goto(server + "/documents")
+    idle(page)
+    page.get_by_test_id("stMultiSelect").click()
+    page.get_by_role("option", name="upload/reactor-notes.md").click()
+    page.keyboard.press("Escape")
+    page.get_by_role("button", name="Delete selected").click()
+    page.get_by_text("No documents yet").wait_for(timeout=60_000)
+    page.goto(server)
+    idle(page)
+    answer = ask(page, "How much power does the Zorblat reactor produce?")
+    assert "no documents" in answer or "could not find" in answer
 
 
 def test_question_in_browser_gets_streamed_answer_with_sources(page, tmp_path: Path) -> None:

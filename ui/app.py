@@ -9,11 +9,13 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `streamlit run` from a clone
 
+from ui import state  # noqa: E402, F401 - imports the library once, before any page
+
 st.set_page_config(page_title="rag_app", page_icon=":material/menu_book:", layout="wide")
 # Each page renders the sidebar itself (see ui/sidebar.py), so a page also runs on its own.
 pages = [
-    st.Page("pages/chat.py", title="Chat", icon=":material/chat:", default=True),
-    st.Page("pages/documents.py", title="Documents", icon=":material/folder_open:"),
-    st.Page("pages/lab.py", title="GPT lab", icon=":material/science:"),
+    st.Page("views/chat.py", title="Chat", icon=":material/chat:", default=True),
+    st.Page("views/documents.py", title="Documents", icon=":material/folder_open:"),
+    st.Page("views/lab.py", title="GPT lab", icon=":material/science:"),
 ]
 st.navigation(pages).run()

@@ -9,6 +9,13 @@ from typing import Any
 
 import streamlit as st
 
+# Import the heavy modules here, once: `ui.state` is the first project import of every
+# session (app.py), and Python's per-module import lock makes a second session wait for it.
+# Pages imported concurrently by two sessions otherwise race inside transformers' lazy
+# imports ("cannot import name 'AutoConfig'").
+import ingest.pipeline  # noqa: F401
+import rag_app.chain  # noqa: F401
+import rag_app.lab  # noqa: F401
 from rag_app.errors import RagError
 from rag_app.factory import Services
 from rag_app.settings import Settings, load_settings

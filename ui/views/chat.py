@@ -52,7 +52,10 @@ with st.chat_message("assistant"):
                 else:
                     yield event
 
-        with answer_box.container(), st.spinner("Generating…"):
+        beams = state.options().get("num_beams", 1) > 1
+        with answer_box.container(), st.spinner(
+                "Beam search (not streamed): the answer appears when it is done…"
+                if beams else "Generating…"):
             st.write_stream(tokens())
     except RagError as e:
         st.error(str(e))

@@ -46,7 +46,7 @@ frame = pd.DataFrame([{"token": repr(c.token), "raw": c.prob, "after temperature
 long = frame.melt("token", var_name="distribution", value_name="probability")
 st.altair_chart(alt.Chart(long).mark_bar().encode(
     x=alt.X("token:N", sort=None), y="probability:Q", color="distribution:N",
-    xOffset="distribution:N"), use_container_width=True)
+    xOffset="distribution:N"), width="stretch")
 kept = sum(c.processed > 0 for c in cands)
 st.caption(f"{kept} of the top {len(cands)} candidates survive the cuts; bars renormalise.")
 
@@ -82,6 +82,6 @@ cells = pd.DataFrame([{"query": labels[i], "key": labels[j], "weight": float(mat
 st.altair_chart(alt.Chart(cells).mark_rect().encode(
     x=alt.X("key:N", sort=labels), y=alt.Y("query:N", sort=labels),
     color=alt.Color("weight:Q", scale=alt.Scale(scheme="blues")),
-    tooltip=["query", "key", "weight"]), use_container_width=True)
+    tooltip=["query", "key", "weight"]), width="stretch")
 st.caption("Row i shows what token i attends to; everything right of the diagonal is masked "
            "(a decoder-only GPT never looks ahead).")

@@ -45,6 +45,10 @@ if uploads and st.button("Ingest", type="primary", icon=":material/upload:"):
     except RagError as e:
         st.error(str(e))
         st.stop()
+    summary = report.to_json()
+    (st.warning if report.failed else st.success)(
+        f"{summary['ingested']} ingested ({summary['chunks']} chunks), "
+        f"{summary['unchanged']} unchanged, {len(report.failed)} failed")
     st.dataframe([{"file": r.path, "result": r.status, "chunks": r.chunks,
                    "error": r.error or ""} for r in report.results], hide_index=True)
     for r in report.failed:
@@ -59,7 +63,7 @@ if not docs:
     st.info("No documents yet: upload some above, or run `rag ingest PATH`.")
     st.stop()
 st.dataframe([{k: d[k] for k in ("source", "title", "chunks", "pages", "ingested_at")}
-              for d in docs], hide_index=True, use_container_width=True)
+              for d in docs], hide_index=True, width="stretch")
 chosen = st.multiselect("Delete documents", [d["source"] for d in docs])
 if chosen and st.button("Delete selected", icon=":material/delete:"):
     n = services.store.delete_documents(collection, chosen)
