@@ -12,8 +12,12 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -92,16 +96,27 @@ def main() -> None:
                 torch.set_num_threads(threads)
                 first_ms, rate = bench_transformers(lm, messages, args.new_tokens, args.runs)
                 rows.append((f"transformers {dtype}", threads, load_s, first_ms, rate))
+                print(rows[-1], file=sys.stderr, flush=True)
         torch.set_num_threads(threads_all)
         prompt_tokens = lm.count_chat_tokens(messages)
         prompt_text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                        tokenize=False)
+    notes = []
     if settings.llm.model == BUNDLED_LLM:
         gguf = resolve_model_ref(BUNDLED_LLM, "llm.model")
         for threads in sorted({1, threads_all}):
-            res = bench_llama_cpp(gguf, prompt_text, args.new_tokens, args.runs, threads)
-            if res is not None:
-                rows.append(("llama.cpp (same GGUF)", threads, *res))
+            # A child process: a native crash in llama.cpp must not lose the other rows.
+            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+                try:
+                    res = pool.submit(bench_llama_cpp, gguf, prompt_text, args.new_tokens,
+                                      args.runs, threads).result()
+                except BrokenProcessPool:
+                    notes.append(f"llama.cpp ({threads} threads) crashed in this build")
+                    continue
+            if res is None:
+                notes.append("llama.cpp not installed (pip install 'rag_app[bench]')")
+                break
+            rows.append(("llama.cpp (same GGUF)", threads, *res))
     print(f"machine: {platform.machine()}, {threads_all} threads, torch {torch.__version__}; "
           f"prompt {prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, "
           f"median of {args.runs}; cold GGUF conversion + load: {cold_s:.1f} s")
@@ -109,6 +124,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, threads, load_s, first_ms, rate in rows:
         print(f"| {name} | {threads} | {load_s:.1f} | {first_ms:.0f} | {rate:.1f} |")
+    for note in notes:
+        print(f"note: {note}")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from langchain_core.documents import Document
@@ -26,6 +27,7 @@ from rag_app.prompt import (
     parse_citations,
 )
 from rag_app.retriever import LanceRetriever
+from rag_app.settings import GenerationSettings
 
 RETRIEVAL_KEYS = ("k", "mode", "min_similarity", "source", "collection")
 
@@ -65,9 +67,14 @@ def source_json(n: int, doc: Document) -> dict[str, Any]:
 class RagChain:
     """Retriever + prompt + chat model, with the prompt fitted to the model's context."""
 
-    def __init__(self, retriever: LanceRetriever, chat_model: LocalChatModel) -> None:
+    def __init__(self, retriever: LanceRetriever, chat_model: Callable[[], LocalChatModel],
+                 generation: GenerationSettings, model_name: str = "") -> None:
+        """`chat_model` is called on first need: a question that retrieves nothing, or an
+        empty collection, never loads the LLM."""
         self.retriever = retriever
-        self.chat_model = chat_model
+        self._chat_model = chat_model
+        self.generation = generation
+        self.model_name = model_name
         self.runnable: Runnable = (
             RunnablePassthrough.assign(query=RunnableLambda(_condense, name="condense"))
             .assign(docs=RunnableLambda(self._retrieve, name="retrieve"))
@@ -80,10 +87,16 @@ class RagChain:
         opts = {k: x[k] for k in RETRIEVAL_KEYS if x.get(k) is not None}
         return self.retriever.invoke(x["query"], config, **opts)
 
+    @cached_property
+    def chat_model(self) -> LocalChatModel:
+        return self._chat_model()
+
     def _fit(self, x: dict[str, Any]) -> list[Document]:
         """Keep the best sources that fit: context length - answer budget - template."""
+        if not x["docs"]:
+            return []
         lm = self.chat_model.lm
-        options = generation_options(self.chat_model.generation, x.get("generation", {}))
+        options = generation_options(self.generation, x.get("generation", {}))
         budget = lm.context_length - options.max_new_tokens
         return fit_sources(x["query"], x["docs"], lm.count_chat_tokens, budget)
 
@@ -111,7 +124,7 @@ class RagChain:
         """
         started = time.perf_counter()
         inputs = {"question": question, "history": list(history), **_split_options(options)}
-        generation_options(self.chat_model.generation, inputs["generation"])  # fail early
+        generation_options(self.generation, inputs["generation"])  # fail early
         docs: list[Document] = []
         query = question
         pieces: list[str] = []
@@ -134,7 +147,7 @@ class RagChain:
         yield RagAnswer(
             question, query, answer, docs,
             parse_citations(answer, len(docs)) if found else [], found,
-            {**self._model_meta(), **meta},
+            {**(self._model_meta() if found else {"model_name": self.model_name}), **meta},
             {"retrieve_ms": retrieve_ms,
              "first_token_ms": meta.get("first_token_ms", 0.0),
              "generate_ms": meta.get("generate_ms", 0.0),

@@ -27,6 +27,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 KOpt = Annotated[Optional[int], typer.Option("--k", help="Passages to retrieve.")]  # noqa: UP045
 ModeOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
     "--mode", help="vector | fulltext | hybrid")]
+SourceOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--source", help="Only passages of this document (as `rag docs` lists it).")]
 
 
 @app.callback()
@@ -51,6 +53,13 @@ def _fail(e: RagError) -> typer.Exit:
 
 def _print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, ensure_ascii=False, default=str))
+
+
+def _source(source: str | None) -> str | None:
+    """A document as the user names it: a path that exists means its absolute path."""
+    if source is None:
+        return None
+    return str(Path(source).resolve()) if Path(source).exists() else source
 
 
 @app.command()
@@ -105,6 +114,7 @@ def search(
     query: Annotated[str, typer.Argument()],
     k: KOpt = None,
     mode: ModeOpt = None,
+    source: SourceOpt = None,
     collection: CollectionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -113,7 +123,7 @@ def search(
 
     try:
         services = Services(_settings(collection=collection))
-        docs = services.retriever().invoke(query, k=k, mode=mode)
+        docs = services.retriever().invoke(query, k=k, mode=mode, source=_source(source))
     except RagError as e:
         raise _fail(e) from None
     hits = [source_json(n, d) for n, d in enumerate(docs, 1)]
@@ -133,6 +143,7 @@ def ask(
     question: Annotated[str, typer.Argument()],
     k: KOpt = None,
     mode: ModeOpt = None,
+    source: SourceOpt = None,
     collection: CollectionOpt = None,
     max_new_tokens: Annotated[Optional[int], typer.Option()] = None,  # noqa: UP045
     sample: Annotated[Optional[bool], typer.Option(  # noqa: UP045
@@ -147,7 +158,8 @@ def ask(
     """Answer a question from your documents, with numbered sources."""
     from rag_app.chain import RagAnswer
 
-    options = {"k": k, "mode": mode, "max_new_tokens": max_new_tokens, "do_sample": sample,
+    options = {"k": k, "mode": mode, "source": _source(source),
+               "max_new_tokens": max_new_tokens, "do_sample": sample,
                "temperature": temperature, "top_k": top_k, "top_p": top_p,
                "num_beams": num_beams, "seed": seed}
     try:
@@ -200,7 +212,7 @@ def delete(sources: Annotated[list[str], typer.Argument(help="Sources as `rag do
     """Remove documents (all their chunks) from a collection."""
     try:
         settings = _settings(collection=collection)
-        resolved = [str(Path(s).resolve()) if Path(s).exists() else s for s in sources]
+        resolved = [_source(s) for s in sources]
         n = Services(settings).store.delete_documents(settings.collection, resolved)
     except RagError as e:
         raise _fail(e) from None

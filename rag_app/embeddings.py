@@ -41,7 +41,7 @@ class Embedder(Embeddings):
         return self.model.tokenizer
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
+        return len(self.tokenizer.encode(text, add_special_tokens=False, verbose=False))
 
     def embed_documents(self, texts: Sequence[str]) -> list[list[float]]:
         vectors = self.model.encode(

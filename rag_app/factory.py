@@ -61,4 +61,5 @@ class Services:
     def chain(self, collection: str | None = None) -> RagChain:
         from rag_app.chain import RagChain
 
-        return RagChain(self.retriever(collection), self.chat_model)
+        return RagChain(self.retriever(collection), lambda: self.chat_model,
+                        self.settings.generation, self.settings.llm.model)

@@ -1,0 +1,54 @@
+"""Retrieval on real LanceDB with the bundled embedder: fusion, filters, relevance floor."""
+
+from pathlib import Path
+
+import pytest
+
+from ingest.pipeline import Ingestor, SourceFile
+from rag_app.factory import Services
+
+DOCS = {
+    "upload/parts.md": "# Inventory\n\nItem QX-7734 ships from warehouse nine on Tuesdays.",
+    "upload/engine.md": "# Vehicles\n\nAn automobile engine component that every car needs "
+                        "to run: the spark plug ignites the fuel.",
+    "upload/baking.md": "# Bread\n\nSourdough rises slowly because wild yeast ferments "
+                        "the dough overnight.",
+}
+
+
+@pytest.fixture
+def lean(services, tmp_path: Path) -> Services:
+    """Services on a fresh database that share the session's embedder (LLM not loaded)."""
+    s = Services(services.settings.model_copy(update={"db_uri": str(tmp_path / "db")}))
+    s.__dict__["embedder"] = services.embedder
+    Ingestor(s.embedder, s.store, s.settings.chunking).ingest(
+        [SourceFile(name, lambda t=text: t.encode()) for name, text in DOCS.items()], "c")
+    return s
+
+
+def names(docs) -> list[str]:
+    return [d.metadata["source"] for d in docs]
+
+
+def test_hybrid_fuses_a_keyword_only_hit_and_a_meaning_only_hit(lean: Services) -> None:
+    query = "QX-7734 car part"
+    r = lean.retriever("c")
+    fulltext = names(r.invoke(query, mode="fulltext", k=3, min_similarity=-1))
+    assert fulltext[0] == "upload/parts.md" and "upload/engine.md" not in fulltext
+    vector = names(r.invoke(query, mode="vector", k=1, min_similarity=-1))
+    assert vector == ["upload/engine.md"]
+    hybrid = names(r.invoke(query, mode="hybrid", k=2, min_similarity=-1))
+    assert set(hybrid) == {"upload/parts.md", "upload/engine.md"}
+
+
+def test_source_filter_excludes_other_documents(lean: Services) -> None:
+    docs = lean.retriever("c").invoke("engine bread warehouse", source="upload/baking.md",
+                                      min_similarity=-1)
+    assert names(docs) == ["upload/baking.md"]
+
+
+def test_relevance_floor_answers_not_found_without_loading_the_model(lean: Services) -> None:
+    result = lean.chain("c").answer("Who won the 1954 football world cup?")
+    assert not result.found and result.sources == []
+    assert "lm" not in lean.__dict__ and "chat_model" not in lean.__dict__
+    assert result.to_json()["model"] == lean.settings.llm.model
