@@ -17,11 +17,12 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """auto = bfloat16 on GPUs that support it, float16 on other GPUs; on CPU bfloat16 where
-    the CPU has native bf16 instructions (AVX512-BF16/AMX), else float32.
+    """auto = bfloat16 on GPUs that support it, float16 on other GPUs, float32 on CPU.
 
-    Measured with benchmarks/generation.py on a 2-core AVX512-BF16 machine: bf16 cuts the
-    time to first token of a 1,500-token prompt about 2.7x and decodes as fast or faster.
+    float32 on CPU although bf16 measured faster here (benchmarks/generation.py: first token
+    about 2.7x sooner): in bf16, greedy answers change with the KV-cache path and reported
+    token probabilities drift by several points, and this project promises reproducible
+    greedy answers and exact probabilities. `llm.dtype=bfloat16` opts into the speed.
     """
     if dtype != "auto":
         return getattr(torch, dtype)
@@ -29,4 +30,4 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device == "mps":
         return torch.float16
-    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
+    return torch.float32

@@ -28,7 +28,7 @@ def test_next_token_distribution_and_cuts(lm) -> None:
     assert sum(c.processed > 0 for c in cut) == 3
     assert sum(c.processed for c in cut[:3]) == pytest.approx(1.0, abs=1e-4)
     cold = lab.next_token(lm, TEXT, temperature=0.05)
-    assert cold[0].processed > 0.8 > cold[0].prob  # a cold temperature sharpens the top
+    assert cold[0].processed > 0.95
     nucleus = lab.next_token(lm, TEXT, top_p=0.5)
     kept = [c for c in nucleus if c.processed > 0]
     assert sum(c.prob for c in kept[:-1]) < 0.5 <= sum(c.prob for c in kept) + 1e-6

@@ -9,8 +9,8 @@ from rag_app.factory import Services
 
 DOCS = {
     "upload/parts.md": "# Inventory\n\nItem QX-7734 ships from warehouse nine on Tuesdays.",
-    "upload/engine.md": "# Vehicles\n\nAn automobile engine component that every car needs "
-                        "to run: the spark plug ignites the fuel.",
+    "upload/engine.md": "# Vehicles\n\nAn automobile engine component that every vehicle "
+                        "needs to run: the spark plug ignites the fuel.",
     "upload/baking.md": "# Bread\n\nSourdough rises slowly because wild yeast ferments "
                         "the dough overnight.",
 }
@@ -31,7 +31,7 @@ def names(docs) -> list[str]:
 
 
 def test_hybrid_fuses_a_keyword_only_hit_and_a_meaning_only_hit(lean: Services) -> None:
-    query = "QX-7734 car part"
+    query = "what makes a car motor start QX-7734"
     r = lean.retriever("c")
     fulltext = names(r.invoke(query, mode="fulltext", k=3, min_similarity=-1))
     assert fulltext[0] == "upload/parts.md" and "upload/engine.md" not in fulltext
