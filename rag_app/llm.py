@@ -21,6 +21,8 @@ from transformers import (
     GenerationConfig,
     PretrainedConfig,
     PreTrainedModel,
+    StoppingCriteria,
+    StoppingCriteriaList,
     TextIteratorStreamer,
     set_seed,
 )
@@ -111,6 +113,7 @@ class LocalLM:
         if options.num_beams > 1:
             with torch.inference_mode():
                 out = self.model.generate(**enc, generation_config=config,
+                                          stopping_criteria=self._stops(options, prompt_len),
                                           tokenizer=self.tokenizer)
             ids = out.sequences[0, prompt_len:]
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -128,6 +131,7 @@ class LocalLM:
                 with torch.inference_mode():
                     result["out"] = self.model.generate(
                         **enc, generation_config=config, streamer=streamer,
+                        stopping_criteria=self._stops(options, prompt_len),
                         tokenizer=self.tokenizer)
             except BaseException as e:  # re-raised in the caller's thread
                 result["error"] = e
@@ -160,6 +164,13 @@ class LocalLM:
                 final = item
         assert final is not None
         return final
+
+    @staticmethod
+    def _stops(o: GenerationSettings, prompt_len: int) -> StoppingCriteriaList:
+        stops = StoppingCriteriaList()
+        if o.stop_on_repeat:
+            stops.append(RepetitionStop(prompt_len, o.stop_on_repeat))
+        return stops
 
     def _generation_config(self, o: GenerationSettings, stop: Sequence[str] | None
                            ) -> GenerationConfig:
@@ -231,6 +242,26 @@ def _filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p:
         drop[-1] = False  # always keep the likeliest token
         scores = scores.masked_fill(drop.scatter(0, order, drop), float("-inf"))
     return torch.softmax(scores, dim=-1)
+
+
+class RepetitionStop(StoppingCriteria):
+    """Stop once the answer's last `window` tokens already occurred earlier in the answer:
+    small models fall into loops, and a loop never ends on its own."""
+
+    def __init__(self, prompt_len: int, window: int) -> None:
+        self.prompt_len = prompt_len
+        self.window = window
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor,
+                 **kwargs: Any) -> torch.BoolTensor:
+        done = []
+        for row in input_ids:  # (T,) per sequence
+            answer = row[self.prompt_len:].tolist()
+            tail = answer[-self.window:]
+            earlier = answer[:-1]
+            done.append(len(answer) >= 2 * self.window and any(
+                earlier[i:i + self.window] == tail for i in range(len(earlier) - self.window)))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def _load(settings: LLMSettings, device: str, dtype: torch.dtype

