@@ -15,6 +15,12 @@ sidebar.render(services)
 history = state.messages()
 
 st.title("Ask your documents")
+try:
+    with st.spinner("Loading the local model (the first start converts it once)…"):
+        services.lm  # noqa: B018 - loaded once per process, before the first question
+except RagError as e:
+    st.error(str(e))
+    st.stop()
 st.sidebar.button("Clear conversation", icon=":material/delete_sweep:",
                   on_click=state.clear_messages)
 
