@@ -78,6 +78,7 @@ class RagChain:
         self.runnable: Runnable = (
             RunnablePassthrough.assign(query=RunnableLambda(_condense, name="condense"))
             .assign(docs=RunnableLambda(self._retrieve, name="retrieve"))
+            .assign(retrieved_at=RunnableLambda(lambda _: time.perf_counter(), name="clock"))
             .assign(docs=RunnableLambda(self._fit, name="fit_to_context"))
             .assign(messages=RunnableLambda(self._prompt, name="prompt"))
             .assign(answer=RunnableLambda(self._generate, name="generate"))
@@ -129,12 +130,13 @@ class RagChain:
         query = question
         pieces: list[str] = []
         message: AIMessageChunk | None = None
-        retrieve_ms = 0.0
+        retrieved_at = started
         for chunk in self.runnable.stream(inputs):
             query = chunk.get("query", query)
+            # up to the end of retrieval; fitting may load the LLM, which is not retrieval
+            retrieved_at = chunk.get("retrieved_at", retrieved_at)
             if "docs" in chunk:
                 docs = chunk["docs"]
-                retrieve_ms = (time.perf_counter() - started) * 1000
                 yield docs
             if "answer" in chunk:
                 message = chunk["answer"] if message is None else message + chunk["answer"]
@@ -148,7 +150,7 @@ class RagChain:
             question, query, answer, docs,
             parse_citations(answer, len(docs)) if found else [], found,
             {**(self._model_meta() if found else {"model_name": self.model_name}), **meta},
-            {"retrieve_ms": retrieve_ms,
+            {"retrieve_ms": (retrieved_at - started) * 1000,
              "first_token_ms": meta.get("first_token_ms", 0.0),
              "generate_ms": meta.get("generate_ms", 0.0),
              "tokens_per_s": meta.get("tokens_per_s", 0.0),
