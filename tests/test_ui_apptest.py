@@ -88,3 +88,8 @@ def test_document_text_renders_inert() -> None:
     assert ":orange-background[click]" in shown
     answer = answer_markdown("Paris [1] and [9] <b>x</b>", n_sources=2)
     assert ":blue-badge[1]" in answer and "\\[9\\]" in answer and "<b>" not in answer
+
+
+def test_chat_page_shows_no_stray_objects(app: AppTest) -> None:
+    # Streamlit renders bare expressions ("magic"): only the page's own elements may appear.
+    assert not app.get("help") and not app.table and not app.json

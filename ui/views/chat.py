@@ -17,7 +17,8 @@ history = state.messages()
 st.title("Ask your documents")
 try:
     with st.spinner("Loading the local model (the first start converts it once)…"):
-        services.lm  # noqa: B018 - loaded once per process, before the first question
+        # An assignment, not a bare expression: Streamlit's "magic" would render the object.
+        _model = services.lm  # loaded once per process, before the first question
 except RagError as e:
     st.error(str(e))
     st.stop()
