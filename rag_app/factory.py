@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from rag_app.settings import Settings
 
 if TYPE_CHECKING:
+    from ingest.pipeline import Ingestor
     from rag_app.chain import RagChain
     from rag_app.chat_model import LocalChatModel
     from rag_app.embeddings import Embedder
@@ -37,7 +38,8 @@ class Services:
     def store(self) -> ChunkStore:
         from rag_app.store import ChunkStore
 
-        return ChunkStore(self.settings.db_uri, self.embedder.name, self.embedder.dim)
+        return ChunkStore(self.settings.db_uri, self.embedder.name, self.embedder.dim,
+                          self.settings.index)
 
     @cached_property
     def lm(self) -> LocalLM:
@@ -50,6 +52,20 @@ class Services:
         from rag_app.chat_model import LocalChatModel
 
         return LocalChatModel(lm=self.lm, generation=self.settings.generation)
+
+    def ingestor(self) -> Ingestor:
+        """The ingestor of `ingestion.engine`: this process, or a Ray cluster (Ray is imported
+        only then; missing Ray is a MissingDependencyError naming the extra)."""
+        ingestion = self.settings.ingestion
+        if ingestion.engine == "ray":
+            from ingest.ray_engine import RayIngestor, require_ray
+
+            require_ray()  # before the embedder is loaded
+            return RayIngestor(self.embedder, self.store, self.settings.chunking, ingestion,
+                               self.settings.embedding)
+        from ingest.pipeline import Ingestor
+
+        return Ingestor(self.embedder, self.store, self.settings.chunking, ingestion)
 
     def retriever(self, collection: str | None = None) -> LanceRetriever:
         from rag_app.retriever import LanceRetriever

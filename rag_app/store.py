@@ -7,19 +7,21 @@ deletes its stale chunks, so readers see either the old or the new version, neve
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lancedb
 import pyarrow as pa
+from lancedb.index import FTS, IvfHnswSq, IvfPq, IvfRq, IvfSq
 from lancedb.rerankers import RRFReranker
 
 from rag_app.errors import EmbeddingMismatchError, EmptyIndexError, StoreError
+from rag_app.settings import IndexSettings
 
 log = logging.getLogger(__name__)
 SearchMode = Literal["vector", "fulltext", "hybrid"]
+_VECTOR_INDEXES = {"IVF_RQ": IvfRq, "IVF_SQ": IvfSq, "IVF_PQ": IvfPq, "IVF_HNSW_SQ": IvfHnswSq}
 _RESULT_COLUMNS = [
     "id", "text", "source", "title", "page", "page_end", "heading", "chunk_index",
     "start_char", "end_char", "doc_hash", "vector",
@@ -68,10 +70,12 @@ def sql_string(value: str) -> str:
 class ChunkStore:
     """A LanceDB connection plus the embedding model identity its tables must match."""
 
-    def __init__(self, uri: str, embedding_model: str, dim: int) -> None:
+    def __init__(self, uri: str, embedding_model: str, dim: int,
+                 index: IndexSettings | None = None) -> None:
         self.uri = uri
         self.embedding_model = embedding_model
         self.dim = dim
+        self.index = index or IndexSettings()
         self.reranker = RRFReranker()
         try:
             self.db = lancedb.connect(uri)
@@ -155,15 +159,23 @@ class ChunkStore:
         return before - table.count_rows()
 
     def refresh_indexes(self, collection: str) -> None:
-        """Build the full-text index once; afterwards `optimize` folds new rows into it."""
+        """Bring the indexes up to date after a write.
+
+        The full-text index is built once; the vector index once the collection reaches
+        `index.vector_min_rows` chunks. Afterwards `optimize` folds new rows into both (and
+        compacts small files), so searches stay indexed as the collection grows.
+        """
         table = self._open(collection)
         if table is None:
             return
-        if not any(i.index_type == "FTS" for i in table.list_indices()):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                table.create_fts_index("text", replace=True)
-        else:
+        existing = {col for i in table.list_indices() for col in i.columns}
+        if "text" not in existing:
+            table.create_index("text", config=FTS(), replace=True)
+        if "vector" not in existing and table.count_rows() >= self.index.vector_min_rows:
+            log.info("building the %s vector index of %r", self.index.vector_type, collection)
+            config = _VECTOR_INDEXES[self.index.vector_type](distance_type="cosine")
+            table.create_index("vector", config=config, replace=True)
+        if existing:
             table.optimize()
 
     # -- reads ----------------------------------------------------------------------------
@@ -205,9 +217,9 @@ class ChunkStore:
             rows = fused.slice(0, k).to_pylist()
         return [self._hit(r, vector) for r in rows]
 
-    @staticmethod
-    def _vector_query(table: Any, vector: Sequence[float], where: str | None) -> Any:
+    def _vector_query(self, table: Any, vector: Sequence[float], where: str | None) -> Any:
         q = (table.search(list(vector), query_type="vector").distance_type("cosine")
+             .nprobes(self.index.nprobes).refine_factor(self.index.refine_factor)
              .select([*_RESULT_COLUMNS, "_distance"]))
         return q.where(where, prefilter=True) if where else q
 
