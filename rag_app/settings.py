@@ -110,6 +110,21 @@ class RetrievalSettings(BaseModel):
     )
 
 
+class IndexSettings(BaseModel):
+    vector_min_rows: int = Field(
+        20_000, ge=1,
+        description="A collection with at least this many chunks gets an approximate vector "
+        "index (below it, exact search is fast enough).",
+    )
+    vector_type: Literal["IVF_RQ", "IVF_SQ", "IVF_PQ", "IVF_HNSW_SQ"] = Field(
+        "IVF_RQ", description="LanceDB vector index type (IVF_RQ measured best: "
+        "benchmarks/retrieval.py).",
+    )
+    nprobes: int = Field(20, ge=1, description="IVF partitions searched per query.")
+    refine_factor: int = Field(
+        5, ge=1, description="Candidates re-scored with exact vectors: k × refine_factor.")
+
+
 class UISettings(BaseModel):
     max_upload_mb: int = Field(50, ge=1, description="Largest file accepted by the uploader.")
     port: int = Field(8501, ge=1, le=65535, description="Port of `rag ui`.")
@@ -133,6 +148,7 @@ class Settings(BaseSettings):
     llm: LLMSettings = Field(default_factory=LLMSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
     ui: UISettings = Field(default_factory=UISettings)
 
     @field_validator("collection")
