@@ -33,3 +33,15 @@ class LoaderError(RagError):
 
 class StoreError(RagError):
     """The database location cannot be used."""
+
+
+class StoreBusyError(StoreError):
+    """Another process is writing the same collection and the write could not be merged."""
+
+
+class MissingDependencyError(RagError):
+    """An optional feature needs a package that is not installed; the message names the extra."""
+
+
+class ClusterError(RagError):
+    """The Ray cluster of `ingestion.engine=ray` cannot be reached."""

@@ -7,7 +7,8 @@ deletes its stale chunks, so readers see either the old or the new version, neve
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -16,7 +17,7 @@ import pyarrow as pa
 from lancedb.index import FTS, IvfHnswSq, IvfPq, IvfRq, IvfSq
 from lancedb.rerankers import RRFReranker
 
-from rag_app.errors import EmbeddingMismatchError, EmptyIndexError, StoreError
+from rag_app.errors import EmbeddingMismatchError, EmptyIndexError, StoreBusyError, StoreError
 from rag_app.settings import IndexSettings
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,32 @@ class ChunkStore:
         return table
 
     # -- writes ---------------------------------------------------------------------------
+    @contextmanager
+    def writing(self, collection: str) -> Iterator[None]:
+        """Turn LanceDB's failures on a write into messages naming what to change.
+
+        Lance commits atomically: a write that fails here leaves the collection as it was.
+        """
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            msg = str(e)
+            where = f"RAG_DB_URI={self.uri!r}"
+            if "os error 28" in msg or "No space left" in msg:
+                raise StoreError(f"no space left on the device of {where}; free some space or "
+                                 f"point RAG_DB_URI elsewhere ({collection!r} is unchanged)") from e
+            if any(s in msg for s in ("os error 30", "Read-only file system", "os error 13",
+                                      "Permission denied")):
+                raise StoreError(f"the database location {where} is read-only; point "
+                                 f"RAG_DB_URI to a writable location ({collection!r} is "
+                                 "unchanged)") from e
+            if "onflict" in msg:
+                raise StoreBusyError(f"collection {collection!r} at {where} is busy: another "
+                                     "process is writing it; try again when it has finished") from e
+            if "LanceError(IO)" in msg or isinstance(e, OSError):
+                raise StoreError(f"cannot write to {where}: {msg.splitlines()[0]}") from e
+            raise
+
     def document_hashes(self, collection: str) -> dict[str, str]:
         """source -> content hash of every stored document."""
         table = self._open(collection)
@@ -136,7 +163,11 @@ class ChunkStore:
         """
         if not documents:
             return
-        table = self._create(collection)
+        with self.writing(collection):
+            self._merge(self._create(collection), documents)
+
+    @staticmethod
+    def _merge(table: Any, documents: dict[str, Sequence[dict]]) -> None:
         rows = [row for doc_rows in documents.values() for row in doc_rows]
         data = pa.Table.from_pylist(rows, schema=table.schema)
         sources = ", ".join(sql_string(s) for s in documents)
@@ -155,11 +186,14 @@ class ChunkStore:
             return 0
         where = "source IN (" + ", ".join(sql_string(s) for s in sources) + ")"
         before = table.count_rows()
-        table.delete(where)
+        with self.writing(collection):
+            table.delete(where)
         return before - table.count_rows()
 
     def refresh_indexes(self, collection: str) -> None:
-        """Bring the indexes up to date after a write.
+        """Bring the indexes up to date; cheap when they already are, so callers may call it
+        after every ingest (also one that found nothing new: a crash may have come between
+        the last write and its index update).
 
         The full-text index is built once; the vector index once the collection reaches
         `index.vector_min_rows` chunks. Afterwards `optimize` folds new rows into both (and
@@ -168,15 +202,21 @@ class ChunkStore:
         table = self._open(collection)
         if table is None:
             return
-        existing = {col for i in table.list_indices() for col in i.columns}
-        if "text" not in existing:
-            table.create_index("text", config=FTS(), replace=True)
-        if "vector" not in existing and table.count_rows() >= self.index.vector_min_rows:
-            log.info("building the %s vector index of %r", self.index.vector_type, collection)
-            config = _VECTOR_INDEXES[self.index.vector_type](distance_type="cosine")
-            table.create_index("vector", config=config, replace=True)
-        if existing:
-            table.optimize()
+        with self.writing(collection):
+            indices = table.list_indices()
+            columns = {col for i in indices for col in i.columns}
+            if "text" not in columns:
+                table.create_index("text", config=FTS(), replace=True)
+            if "vector" not in columns and table.count_rows() >= self.index.vector_min_rows:
+                log.info("building the %s vector index of %r", self.index.vector_type, collection)
+                kind = _VECTOR_INDEXES[self.index.vector_type]
+                extra = {"num_bits": self.index.rq_bits} if kind is IvfRq else {}
+                config = kind(distance_type="cosine", **extra)
+                table.create_index("vector", config=config, replace=True)
+            stale = [i.name for i in indices
+                     if (stats := table.index_stats(i.name)) and stats.num_unindexed_rows]
+            if stale:
+                table.optimize()
 
     # -- reads ----------------------------------------------------------------------------
     def documents(self, collection: str) -> list[dict[str, Any]]:
