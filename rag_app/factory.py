@@ -39,7 +39,7 @@ class Services:
         from rag_app.store import ChunkStore
 
         return ChunkStore(self.settings.db_uri, self.embedder.name, self.embedder.dim,
-                          self.settings.index)
+                          self.settings.index, self.settings.db_storage_options)
 
     @cached_property
     def lm(self) -> LocalLM:

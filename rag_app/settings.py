@@ -144,6 +144,12 @@ class Settings(BaseSettings):
         "./.rag/lancedb",
         description="LanceDB URI: a folder, or object storage such as s3://bucket/path.",
     )
+    db_storage_options: dict[str, str] = Field(
+        default_factory=dict,
+        description="LanceDB storage options for object storage (e.g. aws_endpoint, aws_region, "
+        "allow_http, aws_access_key_id); as an env var, JSON: "
+        'RAG_DB_STORAGE_OPTIONS=\'{"aws_region": "eu-west-1"}\'.',
+    )
     collection: str = Field("default", description="Table holding one corpus.")
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     chunking: ChunkSettings = Field(default_factory=ChunkSettings)

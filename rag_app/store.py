@@ -72,24 +72,37 @@ class ChunkStore:
     """A LanceDB connection plus the embedding model identity its tables must match."""
 
     def __init__(self, uri: str, embedding_model: str, dim: int,
-                 index: IndexSettings | None = None) -> None:
+                 index: IndexSettings | None = None,
+                 storage_options: dict[str, str] | None = None) -> None:
         self.uri = uri
         self.embedding_model = embedding_model
         self.dim = dim
         self.index = index or IndexSettings()
         self.reranker = RRFReranker()
         try:
-            self.db = lancedb.connect(uri)
+            self.db = lancedb.connect(uri, storage_options=storage_options or None)
         except (OSError, ValueError) as e:
             raise StoreError(f"cannot open database RAG_DB_URI={uri!r}: {e}") from e
 
     # -- tables ---------------------------------------------------------------------------
     def collections(self) -> list[str]:
-        return sorted(self.db.list_tables().tables)
+        with self._reading():
+            return sorted(self.db.list_tables().tables)
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            if "LanceError(IO)" not in str(e) and not isinstance(e, OSError):
+                raise
+            raise StoreError(f"cannot read the database at RAG_DB_URI={self.uri!r} "
+                             f"(check it and db_storage_options): {str(e).splitlines()[0]}") from e
 
     def _open(self, collection: str) -> lancedb.table.Table | None:
         try:
-            table = self.db.open_table(collection)
+            with self._reading():
+                table = self.db.open_table(collection)
         except ValueError:
             return None
         self._check_embedder(collection, table.schema)
