@@ -30,6 +30,14 @@ from rag_app.retriever import LanceRetriever
 from rag_app.settings import GenerationSettings
 
 RETRIEVAL_KEYS = ("k", "mode", "min_similarity", "source", "collection")
+QUEUE_KEY = "queue_ahead"  # on the empty chunks sent while waiting for the model
+
+
+@dataclass
+class Waiting:
+    """A `stream_events` event: the model is busy with `ahead` earlier requests."""
+
+    ahead: int
 
 
 @dataclass
@@ -110,15 +118,23 @@ class RagChain:
             yield AIMessageChunk(content=NOT_FOUND, response_metadata={"not_found": True})
             return
         overrides = {k: v for k, v in x.get("generation", {}).items() if v is not None}
-        yield from self.chat_model.stream(
-            [(m["role"].replace("user", "human"), m["content"]) for m in x["messages"]],
-            config, **overrides,
-        )
+        gate = self.chat_model.lm.gate
+        ticket = gate.enter()
+        try:  # one generation at a time; the waiting ones report their place in the queue
+            while ahead := gate.wait(ticket, timeout=0.5):
+                yield AIMessageChunk(content="", response_metadata={QUEUE_KEY: str(ahead)})
+            yield from self.chat_model.stream(
+                [(m["role"].replace("user", "human"), m["content"]) for m in x["messages"]],
+                config, **overrides,
+            )
+        finally:
+            gate.leave(ticket)
 
     # -- convenience over the runnable ----------------------------------------------------
     def stream_events(self, question: str, history: Sequence[str] = (), **options: Any
-                      ) -> Iterator[list[Document] | str | RagAnswer]:
-        """Yield the sources (a list) once retrieved, then answer text pieces, then RagAnswer.
+                      ) -> Iterator[list[Document] | Waiting | str | RagAnswer]:
+        """Yield the sources (a list) once retrieved, `Waiting` events while other requests
+        hold the model, then answer text pieces, then RagAnswer.
 
         `history`: the earlier (standalone) queries of this conversation, oldest first; a
         follow-up is rewritten into a standalone query with them before retrieval.
@@ -131,6 +147,7 @@ class RagChain:
         pieces: list[str] = []
         message: AIMessageChunk | None = None
         retrieved_at = started
+        queued_at, queue_s = 0.0, 0.0
         for chunk in self.runnable.stream(inputs):
             query = chunk.get("query", query)
             # up to the end of retrieval; fitting may load the LLM, which is not retrieval
@@ -138,7 +155,12 @@ class RagChain:
             if "docs" in chunk:
                 docs = chunk["docs"]
                 yield docs
-            if "answer" in chunk:
+            if "answer" in chunk and QUEUE_KEY in chunk["answer"].response_metadata:
+                queued_at = queued_at or time.perf_counter()
+                yield Waiting(int(chunk["answer"].response_metadata[QUEUE_KEY]))
+            elif "answer" in chunk:
+                if queued_at and not queue_s:
+                    queue_s = time.perf_counter() - queued_at
                 message = chunk["answer"] if message is None else message + chunk["answer"]
                 if chunk["answer"].content:
                     pieces.append(chunk["answer"].text)
@@ -150,7 +172,7 @@ class RagChain:
             question, query, answer, docs,
             parse_citations(answer, len(docs)) if found else [], found,
             {**(self._model_meta() if found else {"model_name": self.model_name}), **meta},
-            {"retrieve_ms": (retrieved_at - started) * 1000,
+            {"retrieve_ms": (retrieved_at - started) * 1000, "queue_ms": queue_s * 1000,
              "first_token_ms": meta.get("first_token_ms", 0.0),
              "generate_ms": meta.get("generate_ms", 0.0),
              "tokens_per_s": meta.get("tokens_per_s", 0.0),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 
 from langchain_core.embeddings import Embeddings
@@ -31,6 +32,9 @@ class Embedder(Embeddings):
                 f"cannot load embedding model {settings.model!r} ({e}); "
                 "set embedding.model (RAG_EMBEDDING__MODEL) to a local folder or cached id"
             ) from e
+        # One model serves every thread (UI sessions, an ingest beside queries); the fast
+        # tokenizer is not safe to call from two threads at once ("Already borrowed").
+        self._lock = threading.Lock()
         self.dim: int = self.model.get_embedding_dimension()
         self.max_tokens: int = self.model.max_seq_length
         log.info("embedder %s on %s: dim %d, max %d tokens", self.name, device, self.dim,
@@ -41,14 +45,28 @@ class Embedder(Embeddings):
         return self.model.tokenizer
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False, verbose=False))
+        with self._lock:
+            return count_tokens(self.tokenizer, text)
 
     def embed_documents(self, texts: Sequence[str]) -> list[list[float]]:
-        vectors = self.model.encode(
-            list(texts), batch_size=self.batch_size, normalize_embeddings=True,
-            convert_to_numpy=True, show_progress_bar=False,
-        )
-        return vectors.tolist()
+        """Embed in slices of a few batches, taking the lock per slice, so that a query
+        from another thread waits for one slice, not for a whole ingest batch."""
+        texts = list(texts)
+        step = 4 * self.batch_size
+        out: list[list[float]] = []
+        for start in range(0, len(texts), step):
+            with self._lock:
+                vectors = self.model.encode(
+                    texts[start:start + step], batch_size=self.batch_size,
+                    normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False,
+                )
+            out += vectors.tolist()
+        return out
 
     def embed_query(self, text: str) -> list[float]:
         return self.embed_documents([text])[0]
+
+
+def count_tokens(tokenizer, text: str) -> int:  # noqa: ANN001 - a transformers tokenizer
+    """Tokens of `text` without special tokens: the unit chunk sizes are counted in."""
+    return len(tokenizer.encode(text, add_special_tokens=False, verbose=False))

@@ -4,7 +4,6 @@ the causal mask and attention weights."""
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +15,6 @@ from transformers import (
 )
 
 from rag_app.llm import LocalLM
-
-_attention_lock = threading.Lock()
 
 
 @dataclass
@@ -44,8 +41,9 @@ def _ids(lm: LocalLM, text: str) -> torch.Tensor:
 def next_token(lm: LocalLM, text: str, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, n: int = 20) -> list[Candidate]:
     """The `n` likeliest next tokens with raw and processed probabilities."""
-    with torch.inference_mode():
-        logits = lm.model(_ids(lm, text)).logits[:, -1, :].float()  # (1, vocab)
+    ids = _ids(lm, text)
+    with lm.gate.hold(), torch.inference_mode():  # after any generation in progress
+        logits = lm.model(ids).logits[:, -1, :].float()  # (1, vocab)
     warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
     if top_k > 0:
         warpers.append(TopKLogitsWarper(top_k))
@@ -77,7 +75,8 @@ def causal_mask(n: int) -> torch.Tensor:
 def attention(lm: LocalLM, text: str, layer: int, head: int) -> torch.Tensor:
     """Attention weights (T, T) of one layer and head; rows sum to 1 under the mask."""
     ids = _ids(lm, text)
-    with _attention_lock, torch.inference_mode():
+    # Holding the gate: no generation runs while the model is switched to eager attention.
+    with lm.gate.hold(), torch.inference_mode():
         # Fused attention kernels do not return weights: use the eager path for this call.
         previous = lm.model.config._attn_implementation
         lm.model.set_attn_implementation("eager")

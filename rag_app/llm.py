@@ -30,6 +30,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from rag_app.device import resolve_device, resolve_dtype
 from rag_app.errors import ModelLoadError
+from rag_app.gate import FairGate
 from rag_app.locate import resolve_model_ref
 from rag_app.settings import GenerationSettings, LLMSettings
 
@@ -79,6 +80,7 @@ class LocalLM:
         self.model, self.tokenizer = _load(settings, self.device, self.dtype)
         self.model.eval()
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.gate = FairGate()  # generations of several users take turns
         log.info("loaded %s on %s/%s in %.1fs", self.name, self.device, self.dtype,
                  time.perf_counter() - started)
 

@@ -80,10 +80,11 @@ def answer_caption(answer: dict[str, Any]) -> None:
     if not answer["found"]:
         st.caption(f"retrieval {t['retrieve_ms']:.0f} ms · the model was not called")
         return
+    queued = f"waited {t['queue_ms'] / 1000:.1f} s for the model · " if t.get("queue_ms") else ""
     st.caption(
         f"{escape_markdown(str(answer.get('model')))} on {answer.get('device')} · "
-        f"retrieval {t['retrieve_ms']:.0f} ms · first token {t['first_token_ms']:.0f} ms · "
-        f"{t['tokens_per_s']:.1f} tokens/s")
+        f"retrieval {t['retrieve_ms']:.0f} ms · {queued}first token "
+        f"{t['first_token_ms']:.0f} ms · {t['tokens_per_s']:.1f} tokens/s")
 
 
 def answer_body(answer: dict[str, Any], confidence: bool = False) -> None:

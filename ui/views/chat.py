@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import streamlit as st
 
-from rag_app.chain import RagAnswer, source_json
+from rag_app.chain import RagAnswer, Waiting, source_json
 from rag_app.errors import RagError
 from ui import render, sidebar, state
 
@@ -40,7 +40,7 @@ with st.chat_message("user"):
     st.text(question)
 
 with st.chat_message("assistant"):
-    answer_box, sources_box = st.empty(), st.empty()
+    wait_box, answer_box, sources_box = st.empty(), st.empty(), st.empty()
     result: dict = {}
     try:
         chain = services.chain(state.collection(services.settings.collection))
@@ -54,9 +54,13 @@ with st.chat_message("assistant"):
 
         def tokens() -> Iterator[str]:
             for event in events:
-                if isinstance(event, RagAnswer):
+                if isinstance(event, Waiting):  # other sessions are using the model
+                    wait_box.info(f"Waiting for the model: {event.ahead} request(s) ahead of "
+                                  "yours…", icon=":material/hourglass_top:")
+                elif isinstance(event, RagAnswer):
                     result["answer"] = event.to_json()
                 else:
+                    wait_box.empty()
                     yield event
 
         beams = state.options().get("num_beams", 1) > 1
