@@ -25,7 +25,7 @@ from rag_app.errors import LoaderError
 from rag_app.settings import ChunkSettings, IngestionSettings
 from rag_app.store import ChunkStore
 
-__all__ = ["FileResult", "IngestReport", "Ingestor", "SourceFile", "walk"]
+__all__ = ["FileResult", "IngestReport", "Ingestor", "SourceFile", "document_rows", "walk"]
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
 
@@ -100,14 +100,19 @@ class Ingestor:
             if sum(len(p.rows) for p in pending) >= self.limits.batch_chunks:
                 self._flush(collection, pending, finish)
         self._flush(collection, pending, finish)
+        return self._conclude(collection, report, known, sync_prefixes)
+
+    def _conclude(self, collection: str, report: IngestReport, known: dict[str, str],
+                  sync_prefixes: Iterable[str]) -> IngestReport:
+        """Remove synced documents whose files are gone; bring the indexes up to date (also
+        after a run that wrote nothing: a crash may have come before an index update)."""
         if sync_prefixes:
             seen = {r.path for r in report.results}
             gone = [s for s in known if s not in seen
                     and any(s == p or s.startswith(p.rstrip("/") + "/") for p in sync_prefixes)]
             self.store.delete_documents(collection, gone)
             report.removed = sorted(gone)
-        if any(r.status == "ingested" for r in report.results) or report.removed:
-            self.store.refresh_indexes(collection)
+        self.store.refresh_indexes(collection)
         return report
 
     def _expanded(self, files: Iterable[Item]) -> Iterator[Item]:
@@ -159,18 +164,27 @@ class Ingestor:
         pending.clear()
 
     def _rows(self, source: str, data: bytes, digest: str) -> tuple[list[dict], list[str]]:
-        doc = load_document(data, PurePosixPath(source).name)
-        chunks = chunk_blocks(doc.blocks, self.embedder.count_tokens, self.size_tokens,
-                              self.overlap_tokens)
-        now = datetime.now(timezone.utc)
-        source_id = hashlib.sha1(source.encode()).hexdigest()[:16]
-        rows = [
-            {
-                "id": f"{source_id}-{c.index}", "text": c.text, "vector": None, "source": source,
-                "title": doc.title, "page": c.page, "page_end": c.page_end, "heading": c.heading,
-                "chunk_index": c.index, "start_char": c.start_char, "end_char": c.end_char,
-                "doc_hash": digest, "ingested_at": now, "embedding_model": self.embedder.name,
-            }
-            for c in chunks
-        ]
-        return rows, [embedding_text(doc.title, c.heading, c.text) for c in chunks]
+        return document_rows(source, data, digest, self.embedder.count_tokens,
+                             self.size_tokens, self.overlap_tokens, self.embedder.name)
+
+
+def document_rows(source: str, data: bytes, digest: str, count_tokens: Callable[[str], int],
+                  size_tokens: int, overlap_tokens: int,
+                  embedding_model: str) -> tuple[list[dict], list[str]]:
+    """Parse and chunk one document's bytes: its table rows (`vector` still None) and the
+    texts to embed, one per row. Pure (shared by the local and the Ray engines); raises
+    `LoaderError` for a file that cannot be parsed."""
+    doc = load_document(data, PurePosixPath(source).name)
+    chunks = chunk_blocks(doc.blocks, count_tokens, size_tokens, overlap_tokens)
+    now = datetime.now(timezone.utc)
+    source_id = hashlib.sha1(source.encode()).hexdigest()[:16]
+    rows = [
+        {
+            "id": f"{source_id}-{c.index}", "text": c.text, "vector": None, "source": source,
+            "title": doc.title, "page": c.page, "page_end": c.page_end, "heading": c.heading,
+            "chunk_index": c.index, "start_char": c.start_char, "end_char": c.end_char,
+            "doc_hash": digest, "ingested_at": now, "embedding_model": embedding_model,
+        }
+        for c in chunks
+    ]
+    return rows, [embedding_text(doc.title, c.heading, c.text) for c in chunks]

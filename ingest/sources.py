@@ -24,11 +24,14 @@ class FileResult:
 
 @dataclass
 class SourceFile:
-    """Something to ingest: a source name (its identity) and a way to read its bytes."""
+    """Something to ingest: a source name (its identity) and a way to read its bytes.
+    `path` is set for a file on disk (another process can read it there), None for zip
+    entries and uploads (bytes held in memory)."""
 
     source: str
     read: Callable[[], bytes]
     size: int | None = None
+    path: str | None = None
 
 
 Item = SourceFile | FileResult
@@ -62,7 +65,8 @@ def _file(path: Path) -> Item:
         size = path.stat().st_size
     except OSError as e:
         return FileResult(str(path), "failed", error=f"cannot read: {e.strerror or e}")
-    return SourceFile(str(path.resolve()), path.read_bytes, size)
+    resolved = str(path.resolve())
+    return SourceFile(resolved, path.read_bytes, size, path=resolved)
 
 
 def safe_member_name(name: str) -> str:

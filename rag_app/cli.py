@@ -70,18 +70,20 @@ def ingest(
         "--glob", help="Only files whose path inside a folder matches, e.g. '*.md'.")] = None,
     sync: Annotated[bool, typer.Option(
         "--sync", help="Also remove stored documents under PATHS whose files are gone.")] = False,
+    engine: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--engine", help="local | ray: parse, chunk and embed here or on a Ray cluster "
+        "(default: setting ingestion.engine).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Load, chunk, embed and store files (unchanged files are skipped)."""
-    from tqdm import tqdm
-
-    from ingest.pipeline import Ingestor, walk
-
     try:
-        settings = _settings(collection=collection)
-        services = Services(settings)
-        ingestor = Ingestor(services.embedder, services.store, settings.chunking,
-                            settings.ingestion)
+        settings = _settings(collection=collection,
+                             ingestion={"engine": engine} if engine else None)
+        from tqdm import tqdm
+
+        from ingest.pipeline import walk
+
+        ingestor = Services(settings).ingestor()
         files = list(walk(paths, glob))
         done = {"chunks": 0, "failed": 0}
         with tqdm(total=len(files), unit="file", disable=as_json, file=sys.stderr) as bar:

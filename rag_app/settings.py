@@ -52,6 +52,22 @@ class IngestionSettings(BaseModel):
         1024, gt=0, description="Total uncompressed size read from one zip (bounds zip bombs).")
     batch_chunks: int = Field(
         256, ge=1, description="Chunks embedded and written together (bounds memory).")
+    engine: Literal["local", "ray"] = Field(
+        "local", description="local = this process; ray = parse, chunk and embed on a Ray "
+        "cluster (pip install 'rag_app[ray]'), written to the same table by this process.")
+    ray_address: str | None = Field(
+        None, description="Ray cluster for engine=ray: None = start (or reuse) a local Ray, "
+        "'auto' = the cluster this machine belongs to, 'ray://HOST:10001' = a remote one.")
+    ray_embed_actors: int | None = Field(
+        None, ge=1, description="Ray actors holding the embedder (None = one per GPU of the "
+        "cluster, or 1 on a cluster without GPUs).")
+    ray_embed_cpus: float = Field(
+        1, gt=0, description="CPUs reserved by each embedding actor (its torch threads when "
+        "the cluster has no GPU).")
+    ray_read_files: Literal["auto", "workers", "driver"] = Field(
+        "auto", description="Who reads files on disk: workers (paths visible on every node, "
+        "e.g. a shared filesystem), driver (bytes shipped to the cluster), auto = workers "
+        "when every Ray node is this machine.")
 
 
 class GenerationSettings(BaseModel):

@@ -6,7 +6,7 @@ from pathlib import PurePath
 
 import streamlit as st
 
-from ingest.pipeline import FileResult, Ingestor, SourceFile
+from ingest.pipeline import FileResult, SourceFile
 from rag_app.errors import RagError
 from ui import render, sidebar, state
 
@@ -39,9 +39,7 @@ if uploads and st.button("Ingest", type="primary", icon=":material/upload:"):
         bar.progress(len(done) / len(files), text=f"{len(done)}/{len(files)} files")
 
     try:
-        ingestor = Ingestor(services.embedder, services.store, settings.chunking,
-                            settings.ingestion)
-        report = ingestor.ingest(files, collection, progress)
+        report = services.ingestor().ingest(files, collection, progress)
     except RagError as e:
         st.error(str(e))
         st.stop()
