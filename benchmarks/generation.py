@@ -1,8 +1,8 @@
 """Decoder speed on a RAG-shaped prompt (about 1,500 tokens of sources + a question,
 128 new greedy tokens): load time (cold GGUF conversion and cached), time to first token and
 decode tokens/s for transformers (fp32, bf16, 1 and all threads) and, in the same run, for
-llama.cpp on the same GGUF file when `llama-cpp-python` is installed (`pip install
-'rag_app[bench]'`). Prints a Markdown table.
+llama.cpp on the same GGUF file when `llama-cpp-python` is installed (see the README for
+the build flags this machine's compiler needs). Prints a Markdown table.
 
     .venv/bin/python benchmarks/generation.py [--runs 3] [--new-tokens 128]
 """
@@ -10,6 +10,7 @@ llama.cpp on the same GGUF file when `llama-cpp-python` is installed (`pip insta
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -52,6 +53,9 @@ def bench_transformers(lm: LocalLM, messages: list, new_tokens: int, runs: int
 
 def bench_llama_cpp(gguf: str, prompt_text: str, new_tokens: int, runs: int, threads: int
                     ) -> tuple[float, float, float] | None:
+    # Idle OpenMP threads must sleep, not spin: spinning threads starve decoding whenever
+    # anything else runs on a 2-core machine (1-10 tok/s instead of 40-75 measured here).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         from llama_cpp import Llama
     except ImportError:

@@ -29,6 +29,10 @@ ModeOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
     "--mode", help="vector | fulltext | hybrid")]
 SourceOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
     "--source", help="Only passages of this document (as `rag docs` lists it).")]
+PageOpt = Annotated[Optional[int], typer.Option(  # noqa: UP045
+    "--page", help="Only passages of this page (PDF documents).")]
+MmrOpt = Annotated[Optional[bool], typer.Option(  # noqa: UP045
+    "--mmr/--no-mmr", help="Diversify passages with maximal marginal relevance.")]
 
 
 @app.callback()
@@ -117,6 +121,8 @@ def search(
     k: KOpt = None,
     mode: ModeOpt = None,
     source: SourceOpt = None,
+    page: PageOpt = None,
+    mmr: MmrOpt = None,
     collection: CollectionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -125,7 +131,8 @@ def search(
 
     try:
         services = Services(_settings(collection=collection))
-        docs = services.retriever().invoke(query, k=k, mode=mode, source=_source(source))
+        docs = services.retriever().invoke(query, k=k, mode=mode, source=_source(source),
+                                           page=page, mmr=mmr)
     except RagError as e:
         raise _fail(e) from None
     hits = [source_json(n, d) for n, d in enumerate(docs, 1)]
@@ -146,6 +153,8 @@ def ask(
     k: KOpt = None,
     mode: ModeOpt = None,
     source: SourceOpt = None,
+    page: PageOpt = None,
+    mmr: MmrOpt = None,
     collection: CollectionOpt = None,
     max_new_tokens: Annotated[Optional[int], typer.Option()] = None,  # noqa: UP045
     sample: Annotated[Optional[bool], typer.Option(  # noqa: UP045
@@ -160,7 +169,7 @@ def ask(
     """Answer a question from your documents, with numbered sources."""
     from rag_app.chain import RagAnswer
 
-    options = {"k": k, "mode": mode, "source": _source(source),
+    options = {"k": k, "mode": mode, "source": _source(source), "page": page, "mmr": mmr,
                "max_new_tokens": max_new_tokens, "do_sample": sample,
                "temperature": temperature, "top_k": top_k, "top_p": top_p,
                "num_beams": num_beams, "seed": seed}

@@ -49,10 +49,10 @@ class Embedder(Embeddings):
             return count_tokens(self.tokenizer, text)
 
     def embed_documents(self, texts: Sequence[str]) -> list[list[float]]:
-        """Embed in slices of a few batches, taking the lock per slice, so that a query
-        from another thread waits for one slice, not for a whole ingest batch."""
+        """Embed batch by batch, taking the lock per batch, so that a query from another
+        thread waits for one batch, not for a whole ingest flush."""
         texts = list(texts)
-        step = 4 * self.batch_size
+        step = self.batch_size
         out: list[list[float]] = []
         for start in range(0, len(texts), step):
             with self._lock:

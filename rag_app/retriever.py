@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
+from langchain_core.vectorstores.utils import maximal_marginal_relevance
 from pydantic import ConfigDict
 
 from rag_app.embeddings import Embedder
@@ -22,7 +24,8 @@ def hit_to_document(hit: Hit) -> Document:
 class LanceRetriever(BaseRetriever):
     """Vector, full-text or hybrid search in one collection.
 
-    Per-call overrides as keyword arguments: `k`, `mode`, `min_similarity`, `source`.
+    Per-call overrides as keyword arguments: `k`, `mode`, `min_similarity`, `mmr`,
+    `mmr_lambda`, `fetch_k`, and the filters `source` (a document) and `page` (a page number).
     Chunks whose cosine similarity to the query is below `min_similarity` are dropped, so an
     unrelated question retrieves nothing rather than noise.
     """
@@ -41,9 +44,26 @@ class LanceRetriever(BaseRetriever):
             update={k: v for k, v in kwargs.items()
                     if k in RetrievalSettings.model_fields and v is not None})
         opts = RetrievalSettings.model_validate(opts.model_dump())
-        source = kwargs.get("source")
-        where = f"source = {sql_string(source)}" if source else None
+        vector = self.embedder.embed_query(query)
         hits = self.store.search(
-            kwargs.get("collection") or self.collection, query,
-            self.embedder.embed_query(query), opts.k, opts.mode, where)
-        return [hit_to_document(h) for h in hits if h.similarity >= opts.min_similarity]
+            kwargs.get("collection") or self.collection, query, vector,
+            max(opts.k, opts.fetch_k) if opts.mmr else opts.k, opts.mode,
+            filters(kwargs.get("source"), kwargs.get("page")))
+        hits = [h for h in hits if h.similarity >= opts.min_similarity]
+        if opts.mmr and len(hits) > opts.k:
+            # LangChain's MMR: each next pick balances relevance against the picks so far.
+            picked = maximal_marginal_relevance(
+                np.asarray(vector), [h.vector for h in hits], opts.mmr_lambda, opts.k)
+            hits = [hits[i] for i in picked]
+        return [hit_to_document(h) for h in hits[:opts.k]]
+
+
+def filters(source: str | None, page: int | None) -> str | None:
+    """A LanceDB SQL filter: one document, and/or chunks covering one page."""
+    clauses = []
+    if source:
+        clauses.append(f"source = {sql_string(source)}")
+    if page is not None:
+        clauses.append(f"(page = {int(page)} OR (page <= {int(page)} "
+                       f"AND page_end >= {int(page)}))")
+    return " AND ".join(clauses) or None

@@ -124,6 +124,12 @@ class RetrievalSettings(BaseModel):
         0.2, ge=-1.0, le=1.0,
         description="Cosine similarity below which a passage is not used as evidence.",
     )
+    mmr: bool = Field(
+        False, description="Diversify the passages with maximal marginal relevance (fewer "
+        "near-duplicates; measured in the README's quality table).")
+    mmr_lambda: float = Field(
+        0.5, ge=0.0, le=1.0, description="MMR trade-off: 1 = relevance only, 0 = diversity only.")
+    fetch_k: int = Field(20, ge=1, le=200, description="Candidates MMR chooses the k from.")
 
 
 class IndexSettings(BaseModel):

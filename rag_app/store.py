@@ -62,6 +62,7 @@ class Hit:
     similarity: float
     page: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    vector: list[float] | None = field(default=None, repr=False)
 
 
 def sql_string(value: str) -> str:
@@ -299,4 +300,4 @@ class ChunkStore:
             score = 1.0 - row["_distance"]  # cosine distance -> similarity
         meta = {k: v for k, v in row.items() if not k.startswith("_") and k != "text"}
         return Hit(text=row["text"], source=row["source"], score=float(score),
-                   similarity=similarity, page=row.get("page"), metadata=meta)
+                   similarity=similarity, page=row.get("page"), metadata=meta, vector=vec)

@@ -52,3 +52,56 @@ def test_relevance_floor_answers_not_found_without_loading_the_model(lean: Servi
     assert not result.found and result.sources == []
     assert "lm" not in lean.__dict__ and "chat_model" not in lean.__dict__
     assert result.to_json()["model"] == lean.settings.llm.model
+
+
+def pdf_bytes(pages: list[str]) -> bytes:
+    import io
+
+    from pypdf import PdfWriter
+    from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
+
+    writer = PdfWriter()
+    font = DictionaryObject({NameObject("/Type"): NameObject("/Font"),
+                             NameObject("/Subtype"): NameObject("/Type1"),
+                             NameObject("/BaseFont"): NameObject("/Helvetica")})
+    for text in pages:
+        page = writer.add_blank_page(600, 800)
+        stream = DecodedStreamObject()
+        stream.set_data(f"BT /F1 10 Tf 20 700 Td ({text}) Tj ET".encode())
+        page[NameObject("/Contents")] = writer._add_object(stream)
+        page[NameObject("/Resources")] = DictionaryObject(
+            {NameObject("/Font"): DictionaryObject({NameObject("/F1"): font})})
+    buf = io.BytesIO()
+    writer.write(buf)
+    return buf.getvalue()
+
+
+def test_page_filter_keeps_chunks_covering_that_page(lean: Services) -> None:
+    long = " ".join(f"word{i}" for i in range(260))  # longer than a chunk: stands alone
+    pages = ["Short intro about the tide tables.", "The tide turns at noon on page two.",
+             "Page three explains lighthouse lamps. " + long]
+    Ingestor(lean.embedder, lean.store, lean.settings.chunking).ingest(
+        [SourceFile("upload/manual.pdf", lambda: pdf_bytes(pages))], "c")
+    r = lean.retriever("c")
+    covering = {(d.metadata["page"], d.metadata["page_end"])
+                for d in r.invoke("tide lighthouse", page=2, k=10, min_similarity=-1)}
+    assert covering == {(1, 2)}  # pages 1-2 were short enough to share one chunk
+    third = r.invoke("tide lighthouse", page=3, k=10, min_similarity=-1)
+    assert third and {d.metadata["page"] for d in third} == {3}
+    assert r.invoke("tide", page=4, k=10, min_similarity=-1) == []
+
+
+def test_mmr_prefers_a_different_passage_over_a_near_duplicate(lean: Services) -> None:
+    twins = "Sourdough rises slowly because wild yeast ferments the dough overnight."
+    other = "Sourdough bread keeps its crust crisp when it is stored in a paper bag."
+    Ingestor(lean.embedder, lean.store, lean.settings.chunking).ingest(
+        [SourceFile("upload/twin1.md", lambda: f"# Bread\n\n{twins}".encode()),
+         SourceFile("upload/twin2.md", lambda: f"# Bread\n\n{twins} Really.".encode()),
+         SourceFile("upload/storage.md", lambda: f"# Bread\n\n{other}".encode())], "c")
+    r = lean.retriever("c")
+    query = "why does sourdough rise slowly"
+    plain = names(r.invoke(query, mode="vector", k=2, min_similarity=-1))
+    assert set(plain) <= {"upload/baking.md", "upload/twin1.md", "upload/twin2.md"}
+    diverse = names(r.invoke(query, mode="vector", k=2, mmr=True, mmr_lambda=0.3,
+                             min_similarity=-1))
+    assert len({"upload/baking.md", "upload/twin1.md", "upload/twin2.md"} & set(diverse)) == 1

@@ -82,7 +82,7 @@ def ask(page, question: str) -> str:
 
 
 @pytest.mark.parametrize("server", ["empty"], indirect=True)
-def test_upload_ask_delete_in_browser(page, server: str, tmp_path: Path) -> None:
+def test_upload_ask_delete_in_browser(page, server: str, tmp_path: Path, shots: Path) -> None:
     note = tmp_path / "reactor-notes.md"
     note.write_text("# Kepler station\n\nThe Zorblat reactor on Kepler station produces "
                     "42 gigawatts of power. It was switched on in 2091.\n")
@@ -92,7 +92,7 @@ def test_upload_ask_delete_in_browser(page, server: str, tmp_path: Path) -> None
     page.get_by_role("button", name="Ingest").click()
     page.get_by_text("1 ingested").wait_for(timeout=120_000)
     idle(page)
-    page.screenshot(path=str(tmp_path / "documents.png"), full_page=True)
+    page.screenshot(path=str(shots / "documents.png"), full_page=True)
     page.get_by_test_id("stMultiSelect").wait_for()  # the document list offers it for deletion
 
     page.goto(server)
@@ -113,7 +113,7 @@ def test_upload_ask_delete_in_browser(page, server: str, tmp_path: Path) -> None
     assert "no documents" in answer or "could not find" in answer
 
 
-def test_question_in_browser_gets_streamed_answer_with_sources(page, tmp_path: Path) -> None:
+def test_question_in_browser_gets_streamed_answer_with_sources(page, shots: Path) -> None:
     box = page.get_by_test_id("stChatInputTextArea")
     box.wait_for(timeout=120_000)
     box.fill("How many tokens are in the GPT-2 vocabulary?")
@@ -126,4 +126,15 @@ def test_question_in_browser_gets_streamed_answer_with_sources(page, tmp_path: P
     assert len(answer.strip()) > 20
     cards.first.click()
     page.get_by_text("50,257").first.wait_for(timeout=10_000)  # the passage itself
-    page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+    page.screenshot(path=str(shots / "chat.png"), full_page=True)
+
+
+def test_gpt_lab_in_browser(page, server: str, shots: Path) -> None:
+    page.goto(server + "/lab")
+    idle(page)
+    page.get_by_text("1 · BPE tokens").wait_for(timeout=120_000)
+    # The default prompt's token ids, its next-token chart and the attention heatmap.
+    page.get_by_text("tokens · ids:").wait_for()
+    page.get_by_text("4 · Causal attention").wait_for()
+    assert page.locator("canvas, svg.marks").count() >= 2  # Vega charts rendered
+    page.screenshot(path=str(shots / "lab.png"), full_page=True)

@@ -31,6 +31,8 @@ def render(services: Services) -> None:
         opts["mode"] = st.radio("Mode", ["hybrid", "vector", "fulltext"], horizontal=True,
                                 index=["hybrid", "vector", "fulltext"].index(s.retrieval.mode))
         opts["k"] = st.slider("Passages (k)", 1, 10, s.retrieval.k)
+        opts["mmr"] = st.toggle("Diversify passages (MMR)", s.retrieval.mmr,
+                                help="Maximal marginal relevance: skip near-duplicate passages.")
         st.subheader("Decoding")
         g = s.generation
         strategy = st.radio("Strategy", ["greedy", "sampling", "beam search"], horizontal=True,
