@@ -68,3 +68,32 @@ def env(monkeypatch: pytest.MonkeyPatch, demo_settings: Settings, cache_dir: Pat
     monkeypatch.setenv("RAG_GENERATION__MAX_NEW_TOKENS", "64")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return monkeypatch
+
+
+def _pdf(pages: list[str], width: int = 600, height: int = 800) -> bytes:
+    """A PDF with one page per string, each in a text layer (Helvetica)."""
+    import io
+
+    from pypdf import PdfWriter
+    from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
+
+    writer = PdfWriter()
+    font = DictionaryObject({NameObject("/Type"): NameObject("/Font"),
+                             NameObject("/Subtype"): NameObject("/Type1"),
+                             NameObject("/BaseFont"): NameObject("/Helvetica")})
+    for text in pages:
+        page = writer.add_blank_page(width, height)
+        stream = DecodedStreamObject()
+        stream.set_data(f"BT /F1 10 Tf 20 {height - 100} Td ({text}) Tj ET".encode())
+        page[NameObject("/Contents")] = writer._add_object(stream)
+        page[NameObject("/Resources")] = DictionaryObject(
+            {NameObject("/Font"): DictionaryObject({NameObject("/F1"): font})})
+    buf = io.BytesIO()
+    writer.write(buf)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def pdf_bytes():
+    """Builds PDFs with a text layer: pdf_bytes(["page one text", "page two text"])."""
+    return _pdf

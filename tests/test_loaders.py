@@ -62,24 +62,8 @@ def test_docx_paragraphs_and_headings() -> None:
     assert "40 litres" in doc.blocks[0].text
 
 
-def test_pdf_pages_are_numbered() -> None:
-    from pypdf import PdfWriter
-    from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
-
-    writer = PdfWriter()
-    font = DictionaryObject({NameObject("/Type"): NameObject("/Font"),
-                             NameObject("/Subtype"): NameObject("/Type1"),
-                             NameObject("/BaseFont"): NameObject("/Helvetica")})
-    for text in ("alpha page", "beta page"):
-        page = writer.add_blank_page(300, 300)
-        stream = DecodedStreamObject()
-        stream.set_data(f"BT /F1 12 Tf 20 200 Td ({text}) Tj ET".encode())
-        page[NameObject("/Contents")] = writer._add_object(stream)
-        page[NameObject("/Resources")] = DictionaryObject(
-            {NameObject("/Font"): DictionaryObject({NameObject("/F1"): font})})
-    buf = io.BytesIO()
-    writer.write(buf)
-    doc = load_document(buf.getvalue(), "two.pdf")
+def test_pdf_pages_are_numbered(pdf_bytes) -> None:
+    doc = load_document(pdf_bytes(["alpha page", "beta page"], 300, 300), "two.pdf")
     assert [(b.page, b.text.strip()) for b in doc.blocks] == [(1, "alpha page"), (2, "beta page")]
 
 

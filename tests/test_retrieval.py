@@ -54,29 +54,7 @@ def test_relevance_floor_answers_not_found_without_loading_the_model(lean: Servi
     assert result.to_json()["model"] == lean.settings.llm.model
 
 
-def pdf_bytes(pages: list[str]) -> bytes:
-    import io
-
-    from pypdf import PdfWriter
-    from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
-
-    writer = PdfWriter()
-    font = DictionaryObject({NameObject("/Type"): NameObject("/Font"),
-                             NameObject("/Subtype"): NameObject("/Type1"),
-                             NameObject("/BaseFont"): NameObject("/Helvetica")})
-    for text in pages:
-        page = writer.add_blank_page(600, 800)
-        stream = DecodedStreamObject()
-        stream.set_data(f"BT /F1 10 Tf 20 700 Td ({text}) Tj ET".encode())
-        page[NameObject("/Contents")] = writer._add_object(stream)
-        page[NameObject("/Resources")] = DictionaryObject(
-            {NameObject("/Font"): DictionaryObject({NameObject("/F1"): font})})
-    buf = io.BytesIO()
-    writer.write(buf)
-    return buf.getvalue()
-
-
-def test_page_filter_keeps_chunks_covering_that_page(lean: Services) -> None:
+def test_page_filter_keeps_chunks_covering_that_page(lean: Services, pdf_bytes) -> None:
     long = " ".join(f"word{i}" for i in range(260))  # longer than a chunk: stands alone
     pages = ["Short intro about the tide tables.", "The tide turns at noon on page two.",
              "Page three explains lighthouse lamps. " + long]
