@@ -270,11 +270,16 @@ def _load(settings: LLMSettings, device: str, dtype: torch.dtype
           ) -> tuple[PreTrainedModel, Any]:
     ref = resolve_model_ref(settings.model, "llm.model")
     kwargs = {"trust_remote_code": settings.trust_remote_code}
+    quantization = quantization_config(settings.quantization, device, dtype)  # fail first
     try:
         if ref.endswith(".gguf"):
             ref = str(_gguf_to_cache(Path(ref), settings.cache_dir))
         _require_decoder(AutoConfig.from_pretrained(ref, **kwargs))
         tokenizer = AutoTokenizer.from_pretrained(ref, **kwargs)
+        if quantization is not None:  # bitsandbytes places the weights on the GPU itself
+            return AutoModelForCausalLM.from_pretrained(
+                ref, dtype=dtype, quantization_config=quantization, device_map={"": device},
+                **kwargs), tokenizer
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, **kwargs)
     except ValueError as e:
         raise ModelLoadError(
@@ -289,6 +294,29 @@ def _load(settings: LLMSettings, device: str, dtype: torch.dtype
             f"out of memory loading llm.model={settings.model!r} on {device}; choose a "
             "smaller llm.model, llm.dtype=bfloat16, or llm.device=cpu") from e
     return model.to(device), tokenizer
+
+
+def quantization_config(mode: str, device: str, dtype: torch.dtype) -> Any:
+    """transformers' BitsAndBytesConfig for llm.quantization, or None; a clear error where
+    bitsandbytes cannot run (it needs CUDA and the package)."""
+    if mode == "none":
+        return None
+    if not device.startswith("cuda"):
+        raise ModelLoadError(
+            f"llm.quantization={mode!r} (RAG_LLM__QUANTIZATION) needs a CUDA GPU, but the model "
+            f"runs on {device}; set llm.quantization=none")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ModelLoadError(
+            f"llm.quantization={mode!r} needs bitsandbytes: pip install bitsandbytes, or set "
+            "llm.quantization=none (RAG_LLM__QUANTIZATION)") from e
+    from transformers import BitsAndBytesConfig
+
+    if mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=dtype)
 
 
 def _require_decoder(config: PretrainedConfig) -> None:

@@ -109,6 +109,9 @@ class LLMSettings(BaseModel):
         None, ge=1, description="torch CPU threads (None = torch's default)."
     )
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own code.")
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none", description="Load the weights in 8 or 4 bits with bitsandbytes (CUDA only; "
+        "pip install bitsandbytes).")
     cache_dir: Path = Field(
         Path.home() / ".cache" / "rag_app",
         description="Where converted GGUF models are saved so later starts are fast.",

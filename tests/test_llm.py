@@ -101,3 +101,28 @@ def test_looping_answer_is_cut_short(lm: LocalLM) -> None:
     capped = lm.generate(loop, opts(max_new_tokens=120, stop_on_repeat=8))
     free = lm.generate(loop, opts(max_new_tokens=120, stop_on_repeat=0))
     assert len(capped.tokens) < len(free.tokens)
+
+
+def test_quantization_on_cpu_is_refused_naming_the_setting(cache_dir) -> None:
+    settings = LLMSettings(cache_dir=cache_dir, device="cpu", quantization="4bit")
+    with pytest.raises(ModelLoadError, match=r"llm.quantization='4bit'.*needs a CUDA GPU"):
+        LocalLM(settings)
+
+
+def test_quantization_config_with_a_fake_gpu_device_name() -> None:
+    """No GPU here: only the config built for a CUDA device is checked (bitsandbytes itself
+    cannot run on this machine), or the message when the package is missing."""
+    import torch
+
+    from rag_app.llm import quantization_config
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(ModelLoadError, match="pip install bitsandbytes"):
+            quantization_config("8bit", "cuda", torch.float16)
+        return
+    four = quantization_config("4bit", "cuda", torch.bfloat16)
+    assert four.load_in_4bit and four.bnb_4bit_compute_dtype == torch.bfloat16
+    assert quantization_config("8bit", "cuda", torch.float16).load_in_8bit
+    assert quantization_config("none", "cuda", torch.float16) is None

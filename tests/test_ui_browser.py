@@ -138,3 +138,23 @@ def test_gpt_lab_in_browser(page, server: str, shots: Path) -> None:
     page.get_by_text("4 · Causal attention").wait_for()
     assert page.locator("canvas, svg.marks").count() >= 2  # Vega charts rendered
     page.screenshot(path=str(shots / "lab.png"), full_page=True)
+
+
+def test_two_sessions_take_turns_and_the_waiting_one_says_so(page, server: str) -> None:
+    other = page.context.browser.new_page(viewport={"width": 1280, "height": 900})
+    other.goto(server)
+    other.get_by_test_id("stChatInputTextArea").wait_for(timeout=120_000)
+    questions = ("How many tokens are in the GPT-2 vocabulary?",
+                 "Who introduced nucleus (top-p) sampling, and in what year?")
+    for tab, question in zip((page, other), questions, strict=True):
+        box = tab.get_by_test_id("stChatInputTextArea")
+        box.fill(question)
+        box.press("Enter")
+    for tab in (page, other):
+        tab.get_by_text("tokens/s").wait_for(timeout=300_000)
+        idle(tab)
+    captions = [tab.get_by_test_id("stChatMessage").last.inner_text() for tab in (page, other)]
+    # One model serves both sessions: the later generation waited for the earlier one and
+    # its caption says how long; both got their answers.
+    assert sum("for the model" in c for c in captions) == 1, captions
+    assert all("tokens/s" in c for c in captions)
