@@ -29,8 +29,8 @@ from rag_app.prompt import (
 from rag_app.retriever import LanceRetriever
 from rag_app.settings import GenerationSettings
 
-RETRIEVAL_KEYS = ("k", "mode", "min_similarity", "mmr", "mmr_lambda", "fetch_k", "source", "page",
-                  "collection")
+RETRIEVAL_KEYS = ("k", "mode", "min_similarity", "mmr", "mmr_lambda", "fetch_k", "rerank",
+                  "source", "page", "collection")
 QUEUE_KEY = "queue_ahead"  # on the empty chunks sent while waiting for the model
 
 

@@ -33,6 +33,8 @@ PageOpt = Annotated[Optional[int], typer.Option(  # noqa: UP045
     "--page", help="Only passages of this page (PDF documents).")]
 MmrOpt = Annotated[Optional[bool], typer.Option(  # noqa: UP045
     "--mmr/--no-mmr", help="Diversify passages with maximal marginal relevance.")]
+RerankOpt = Annotated[Optional[bool], typer.Option(  # noqa: UP045
+    "--rerank/--no-rerank", help="Rescore candidates with retrieval.rerank_model.")]
 
 
 @app.callback()
@@ -123,6 +125,7 @@ def search(
     source: SourceOpt = None,
     page: PageOpt = None,
     mmr: MmrOpt = None,
+    rerank: RerankOpt = None,
     collection: CollectionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -132,7 +135,7 @@ def search(
     try:
         services = Services(_settings(collection=collection))
         docs = services.retriever().invoke(query, k=k, mode=mode, source=_source(source),
-                                           page=page, mmr=mmr)
+                                           page=page, mmr=mmr, rerank=rerank)
     except RagError as e:
         raise _fail(e) from None
     hits = [source_json(n, d) for n, d in enumerate(docs, 1)]
@@ -155,6 +158,7 @@ def ask(
     source: SourceOpt = None,
     page: PageOpt = None,
     mmr: MmrOpt = None,
+    rerank: RerankOpt = None,
     collection: CollectionOpt = None,
     max_new_tokens: Annotated[Optional[int], typer.Option()] = None,  # noqa: UP045
     sample: Annotated[Optional[bool], typer.Option(  # noqa: UP045
@@ -170,6 +174,7 @@ def ask(
     from rag_app.chain import RagAnswer
 
     options = {"k": k, "mode": mode, "source": _source(source), "page": page, "mmr": mmr,
+               "rerank": rerank,
                "max_new_tokens": max_new_tokens, "do_sample": sample,
                "temperature": temperature, "top_k": top_k, "top_p": top_p,
                "num_beams": num_beams, "seed": seed}

@@ -10,9 +10,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
+from rag_app.errors import SettingsError
 from rag_app.settings import Settings
 
 if TYPE_CHECKING:
+    from lancedb.rerankers import Reranker
+
     from ingest.pipeline import Ingestor
     from rag_app.chain import RagChain
     from rag_app.chat_model import LocalChatModel
@@ -67,12 +70,29 @@ class Services:
 
         return Ingestor(self.embedder, self.store, self.settings.chunking, ingestion)
 
+    @cached_property
+    def reranker(self) -> Reranker:
+        """LanceDB's cross-encoder reranker over retrieval.rerank_model (loaded on first use)."""
+        from lancedb.rerankers import CrossEncoderReranker
+
+        from rag_app.device import resolve_device
+        from rag_app.locate import resolve_model_ref
+
+        model = self.settings.retrieval.rerank_model
+        if not model:
+            raise SettingsError("retrieval.rerank needs retrieval.rerank_model (a cross-encoder)")
+        return CrossEncoderReranker(
+            model_name=resolve_model_ref(model, "retrieval.rerank_model"),
+            device=resolve_device(self.settings.embedding.device),
+            trust_remote_code=self.settings.llm.trust_remote_code)
+
     def retriever(self, collection: str | None = None) -> LanceRetriever:
         from rag_app.retriever import LanceRetriever
 
+        rerank = (lambda: self.reranker) if self.settings.retrieval.rerank_model else None
         return LanceRetriever(store=self.store, embedder=self.embedder,
                               collection=collection or self.settings.collection,
-                              settings=self.settings.retrieval)
+                              settings=self.settings.retrieval, reranker=rerank)
 
     def chain(self, collection: str | None = None) -> RagChain:
         from rag_app.chain import RagChain

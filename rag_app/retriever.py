@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from lancedb.rerankers import Reranker
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.vectorstores.utils import maximal_marginal_relevance
-from pydantic import ConfigDict
+from pydantic import ConfigDict, ValidationError
 
 from rag_app.embeddings import Embedder
-from rag_app.settings import RetrievalSettings
+from rag_app.errors import SettingsError
+from rag_app.settings import RetrievalSettings, format_validation_error
 from rag_app.store import ChunkStore, Hit, sql_string
 
 
@@ -36,6 +39,7 @@ class LanceRetriever(BaseRetriever):
     embedder: Embedder
     collection: str
     settings: RetrievalSettings
+    reranker: Callable[[], Reranker] | None = None  # built on first use of `rerank`
 
     def _get_relevant_documents(
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun, **kwargs: Any
@@ -43,12 +47,18 @@ class LanceRetriever(BaseRetriever):
         opts = self.settings.model_copy(
             update={k: v for k, v in kwargs.items()
                     if k in RetrievalSettings.model_fields and v is not None})
-        opts = RetrievalSettings.model_validate(opts.model_dump())
+        try:
+            opts = RetrievalSettings.model_validate(opts.model_dump())
+        except ValidationError as e:
+            raise SettingsError(format_validation_error(e, "retrieval")) from e
         vector = self.embedder.embed_query(query)
+        reranker = self.reranker() if opts.rerank and self.reranker else None
+        if opts.rerank and reranker is None:
+            raise SettingsError("retrieval.rerank needs retrieval.rerank_model (a cross-encoder)")
         hits = self.store.search(
             kwargs.get("collection") or self.collection, query, vector,
-            max(opts.k, opts.fetch_k) if opts.mmr else opts.k, opts.mode,
-            filters(kwargs.get("source"), kwargs.get("page")))
+            max(opts.k, opts.fetch_k) if opts.mmr or opts.rerank else opts.k, opts.mode,
+            filters(kwargs.get("source"), kwargs.get("page")), reranker)
         hits = [h for h in hits if h.similarity >= opts.min_similarity]
         if opts.mmr and len(hits) > opts.k:
             # LangChain's MMR: each next pick balances relevance against the picks so far.

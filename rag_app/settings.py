@@ -129,10 +129,23 @@ class RetrievalSettings(BaseModel):
     )
     mmr: bool = Field(
         False, description="Diversify the passages with maximal marginal relevance (fewer "
-        "near-duplicates; measured in the README's quality table).")
+        "near-duplicates).")
     mmr_lambda: float = Field(
         0.5, ge=0.0, le=1.0, description="MMR trade-off: 1 = relevance only, 0 = diversity only.")
-    fetch_k: int = Field(20, ge=1, le=200, description="Candidates MMR chooses the k from.")
+    fetch_k: int = Field(
+        20, ge=1, le=200, description="Candidates that MMR or the reranker choose the k from.")
+    rerank: bool = Field(
+        False, description="Rescore the candidates with retrieval.rerank_model (a cross-encoder) "
+        "instead of rank fusion.")
+    rerank_model: str | None = Field(
+        None, description="A sentence-transformers cross-encoder for retrieval.rerank: HF id, "
+        "folder or package:NAME/PATH. None: reranking is unavailable (none ships offline).")
+
+    @model_validator(mode="after")
+    def _rerank_needs_a_model(self) -> RetrievalSettings:
+        if self.rerank and not self.rerank_model:
+            raise ValueError("retrieval.rerank needs retrieval.rerank_model (a cross-encoder)")
+        return self
 
 
 class IndexSettings(BaseModel):
@@ -225,11 +238,13 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise SettingsError(format_validation_error(e)) from e
 
 
-def format_validation_error(e: ValidationError) -> str:
-    """One line per bad field, named as the user sets it (`llm.temperature` / RAG_LLM__...)."""
+def format_validation_error(e: ValidationError, section: str | None = None) -> str:
+    """One line per bad field, named as the user sets it (`llm.temperature` / RAG_LLM__...);
+    `section` prefixes the fields of a sub-model validated on its own."""
     lines = []
     for err in e.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "settings"
-        env = "RAG_" + "__".join(str(p) for p in err["loc"]).upper()
+        loc = [section, *err["loc"]] if section else list(err["loc"])
+        field = ".".join(str(p) for p in loc) or "settings"
+        env = "RAG_" + "__".join(str(p) for p in loc).upper()
         lines.append(f"invalid setting {field} ({env}): {err['msg']}")
     return "; ".join(lines)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import lancedb
 import pyarrow as pa
 from lancedb.index import FTS, IvfHnswSq, IvfPq, IvfRq, IvfSq
-from lancedb.rerankers import RRFReranker
+from lancedb.rerankers import Reranker, RRFReranker
 
 from rag_app.errors import EmbeddingMismatchError, EmptyIndexError, StoreBusyError, StoreError
 from rag_app.settings import IndexSettings
@@ -253,23 +253,29 @@ class ChunkStore:
 
     def search(
         self, collection: str, query: str, vector: Sequence[float], k: int,
-        mode: SearchMode = "hybrid", where: str | None = None,
+        mode: SearchMode = "hybrid", where: str | None = None, reranker: Reranker | None = None,
     ) -> list[Hit]:
+        """The k best chunks. Hybrid fuses the vector and BM25 rankings with reciprocal-rank
+        fusion; a `reranker` (LanceDB's, e.g. a cross-encoder) rescores the candidates of
+        any mode instead."""
         table = self._require(collection)
-        if mode == "vector":
-            rows = self._vector_query(table, vector, where).limit(k).to_list()
+        n = max(4 * k, 20)  # candidates fetched from each side before fusing or reranking
+        if mode == "vector" and reranker is None:
+            rows = self._vector_query(table, vector, where).limit(k).to_arrow()
+        elif mode == "fulltext" and reranker is None:
+            rows = self._text_query(table, query, where).limit(k).to_arrow()
+        elif mode == "vector":
+            rows = reranker.rerank_vector(
+                query, self._vector_query(table, vector, where).limit(n).to_arrow())
         elif mode == "fulltext":
-            rows = self._text_query(table, query, where).limit(k).to_list()
+            rows = reranker.rerank_fts(
+                query, self._text_query(table, query, where).limit(n).to_arrow())
         else:
-            # Fetch more candidates from each side than we return, then fuse the two
-            # rankings with LanceDB's reciprocal-rank-fusion reranker.
-            n = max(4 * k, 20)
-            fused = self.reranker.rerank_hybrid(
+            rows = (reranker or self.reranker).rerank_hybrid(
                 query,
                 self._vector_query(table, vector, where).limit(n).with_row_id(True).to_arrow(),
                 self._text_query(table, query, where).limit(n).with_row_id(True).to_arrow())
-            rows = fused.slice(0, k).to_pylist()
-        return [self._hit(r, vector) for r in rows]
+        return [self._hit(r, vector) for r in rows.slice(0, k).to_pylist()]
 
     def _vector_query(self, table: Any, vector: Sequence[float], where: str | None) -> Any:
         q = (table.search(list(vector), query_type="vector").distance_type("cosine")

@@ -83,3 +83,24 @@ def test_mmr_prefers_a_different_passage_over_a_near_duplicate(lean: Services) -
     diverse = names(r.invoke(query, mode="vector", k=2, mmr=True, mmr_lambda=0.3,
                              min_similarity=-1))
     assert len({"upload/baking.md", "upload/twin1.md", "upload/twin2.md"} & set(diverse)) == 1
+
+
+def test_rerank_orders_candidates_by_the_cross_encoder(lean: Services) -> None:
+    """No cross-encoder ships offline: the bundled MiniLM checkpoint is loaded as one (its
+    scoring head untrained), which exercises the real path: LanceDB's CrossEncoderReranker
+    scores every candidate and the passages come back in its order."""
+    from rag_app.errors import SettingsError
+    from rag_app.settings import BUNDLED_EMBEDDER
+
+    with pytest.raises(SettingsError, match="retrieval.rerank_model"):
+        lean.retriever("c").invoke("bread", rerank=True)
+    s = Services(lean.settings.model_copy(update={"retrieval": lean.settings.retrieval.model_copy(
+        update={"rerank_model": BUNDLED_EMBEDDER})}))
+    s.__dict__["embedder"], s.__dict__["store"] = lean.embedder, lean.store
+    query = "what makes a car motor start"
+    docs = s.retriever("c").invoke(query, rerank=True, k=3, min_similarity=-1)
+    model = s.reranker.model  # the CrossEncoder LanceDB loaded
+    expected = model.predict([(query, d.page_content) for d in docs]).tolist()
+    assert [d.metadata["score"] for d in docs] == pytest.approx(expected, rel=1e-4)
+    assert expected == sorted(expected, reverse=True)
+    assert len(docs) == 3  # every candidate was scored, the best k kept

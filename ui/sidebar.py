@@ -33,6 +33,12 @@ def render(services: Services) -> None:
         opts["k"] = st.slider("Passages (k)", 1, 10, s.retrieval.k)
         opts["mmr"] = st.toggle("Diversify passages (MMR)", s.retrieval.mmr,
                                 help="Maximal marginal relevance: skip near-duplicate passages.")
+        has_reranker = bool(s.retrieval.rerank_model)
+        opts["rerank"] = st.toggle(
+            "Rerank with a cross-encoder", s.retrieval.rerank, disabled=not has_reranker,
+            help=f"Rescore the candidates with {s.retrieval.rerank_model}." if has_reranker
+            else "Set retrieval.rerank_model (RAG_RETRIEVAL__RERANK_MODEL) to a cross-encoder "
+            "to enable reranking.")
         st.subheader("Decoding")
         g = s.generation
         strategy = st.radio("Strategy", ["greedy", "sampling", "beam search"], horizontal=True,
