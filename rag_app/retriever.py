@@ -60,7 +60,7 @@ class LanceRetriever(BaseRetriever):
             max(opts.k, opts.fetch_k) if opts.mmr or opts.rerank else opts.k, opts.mode,
             filters(kwargs.get("source"), kwargs.get("page")), reranker)
         hits = [h for h in hits if h.similarity >= opts.min_similarity]
-        if opts.mmr and len(hits) > opts.k:
+        if opts.mmr and len(hits) > 1:  # MMR orders the picks too, also when it keeps them all
             # LangChain's MMR: each next pick balances relevance against the picks so far.
             picked = maximal_marginal_relevance(
                 np.asarray(vector), [h.vector for h in hits], opts.mmr_lambda, opts.k)
