@@ -39,11 +39,6 @@ class FairGate:
             self._queue.remove(ticket)
             self._cond.notify_all()
 
-    def waiting(self) -> int:
-        """Requests holding or waiting for the gate."""
-        with self._cond:
-            return len(self._queue)
-
     @contextmanager
     def hold(self) -> Iterator[None]:
         """Block until it is this thread's turn; release on exit."""

@@ -259,23 +259,32 @@ class ChunkStore:
         fusion; a `reranker` (LanceDB's, e.g. a cross-encoder) rescores the candidates of
         any mode instead."""
         table = self._require(collection)
+        try:
+            rows = self._ranked(table, query, vector, k, mode, where, reranker)
+        except ValueError as e:  # LanceDB's way of saying the FTS index does not exist
+            if "INVERTED index" not in str(e):
+                raise
+            raise StoreError("the full-text index is missing; run `rag ingest` again or use "
+                             "--mode vector") from e
+        return [self._hit(r, vector) for r in rows.slice(0, k).to_pylist()]
+
+    def _ranked(self, table: Any, query: str, vector: Sequence[float], k: int, mode: SearchMode,
+                where: str | None, reranker: Reranker | None) -> pa.Table:
         n = max(4 * k, 20)  # candidates fetched from each side before fusing or reranking
         if mode == "vector" and reranker is None:
-            rows = self._vector_query(table, vector, where).limit(k).to_arrow()
-        elif mode == "fulltext" and reranker is None:
-            rows = self._text_query(table, query, where).limit(k).to_arrow()
-        elif mode == "vector":
-            rows = reranker.rerank_vector(
+            return self._vector_query(table, vector, where).limit(k).to_arrow()
+        if mode == "fulltext" and reranker is None:
+            return self._text_query(table, query, where).limit(k).to_arrow()
+        if mode == "vector":
+            return reranker.rerank_vector(
                 query, self._vector_query(table, vector, where).limit(n).to_arrow())
-        elif mode == "fulltext":
-            rows = reranker.rerank_fts(
+        if mode == "fulltext":
+            return reranker.rerank_fts(
                 query, self._text_query(table, query, where).limit(n).to_arrow())
-        else:
-            rows = (reranker or self.reranker).rerank_hybrid(
-                query,
-                self._vector_query(table, vector, where).limit(n).with_row_id(True).to_arrow(),
-                self._text_query(table, query, where).limit(n).with_row_id(True).to_arrow())
-        return [self._hit(r, vector) for r in rows.slice(0, k).to_pylist()]
+        return (reranker or self.reranker).rerank_hybrid(
+            query,
+            self._vector_query(table, vector, where).limit(n).with_row_id(True).to_arrow(),
+            self._text_query(table, query, where).limit(n).with_row_id(True).to_arrow())
 
     def _vector_query(self, table: Any, vector: Sequence[float], where: str | None) -> Any:
         q = (table.search(list(vector), query_type="vector").distance_type("cosine")
@@ -283,16 +292,10 @@ class ChunkStore:
              .select([*_RESULT_COLUMNS, "_distance"]))
         return q.where(where, prefilter=True) if where else q
 
-    def _text_query(self, table: Any, query: str, where: str | None) -> Any:
-        self._ensure_fts(table)
+    @staticmethod
+    def _text_query(table: Any, query: str, where: str | None) -> Any:
         q = table.search(query, query_type="fts").select([*_RESULT_COLUMNS, "_score"])
         return q.where(where, prefilter=True) if where else q
-
-    def _ensure_fts(self, table: lancedb.table.Table) -> None:
-        if not any(i.index_type == "FTS" for i in table.list_indices()):
-            raise StoreError(
-                "the full-text index is missing; run `rag ingest` again or use --mode vector"
-            )
 
     @staticmethod
     def _hit(row: dict[str, Any], query_vector: Sequence[float]) -> Hit:

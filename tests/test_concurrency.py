@@ -33,11 +33,12 @@ def test_gate_admits_in_arrival_order_and_reports_places() -> None:
     for t in threads:
         t.start()
     time.sleep(0.2)
-    assert order == [] and gate.waiting() == 4  # all blocked behind ticket 0
+    assert order == [] and gate.wait(tickets[3], timeout=0) == 3  # all behind ticket 0
     gate.leave(tickets[0])
     for t in threads:
         t.join(timeout=10)
-    assert order == [1, 2, 3] and gate.waiting() == 0
+    assert order == [1, 2, 3]
+    assert gate.wait(gate.enter(), timeout=0) == 0  # the gate is free again
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from ingest.pipeline import Ingestor, SourceFile
+from rag_app.errors import StoreError
 from rag_app.factory import Services
 from rag_app.settings import IndexSettings
 
@@ -55,3 +56,15 @@ def test_vector_index_is_built_at_the_threshold_and_kept_fresh(small_threshold: 
     exact = (s.store.db.open_table("c").search(vector).distance_type("cosine")
              .bypass_vector_index().limit(5).to_list())
     assert [h.metadata["id"] for h in hits] == [r["id"] for r in exact]
+
+
+def test_missing_full_text_index_is_a_clear_error(small_threshold: Services) -> None:
+    s = small_threshold
+    Ingestor(s.embedder, s.store, s.settings.chunking).ingest(notes(0, 3), "c")
+    table = s.store.db.open_table("c")
+    table.drop_index(next(i.name for i in table.list_indices() if i.index_type == "FTS"))
+    vector = s.embedder.embed_query("bread")
+    assert s.store.search("c", "bread", vector, k=2, mode="vector")  # vectors still answer
+    for mode in ("fulltext", "hybrid"):
+        with pytest.raises(StoreError, match="full-text index is missing"):
+            s.store.search("c", "bread", vector, k=2, mode=mode)
