@@ -61,7 +61,8 @@ def bench_llama_cpp(gguf: str, prompt_text: str, new_tokens: int, runs: int, thr
     except ImportError:
         return None
     started = time.perf_counter()
-    llm = Llama(model_path=gguf, n_ctx=4096, n_threads=threads, verbose=False)
+    llm = Llama(model_path=gguf, n_ctx=4096, n_threads=threads, n_threads_batch=threads,
+                verbose=False)
     load_s = time.perf_counter() - started
     firsts, rates = [], []
     for _ in range(runs):

@@ -1,7 +1,7 @@
 """Ingestion throughput against the physical reference: a bare SentenceTransformer.encode
 of the same chunk texts in one call. Prints a Markdown table.
 
-    .venv/bin/python benchmarks/ingest.py [--dataset ../shared/eval/squad-dev-500] [--limit N]
+    .venv/bin/python benchmarks/ingestion.py [--dataset ../shared/eval/squad-dev-500] [--limit N]
 
 The corpus passages are written as .txt files into a temporary folder (never into the repo).
 """

@@ -135,7 +135,7 @@ def bench_size(settings: Settings, n: int, docs: np.ndarray, texts: list[str],
     idx = range(len(queries))
     if n <= 100_000:
         found, ms = timed(search("vector"), idx)
-        rows.append((n, "lance vector, no index (exact)", "—", *percentiles(ms),
+        rows.append((n, "vector, no index (exact scan)", "—", *percentiles(ms),
                      recall(found, truth)))
 
     t = time.perf_counter()
@@ -164,7 +164,8 @@ def main() -> None:
         settings = load_settings(db_uri=str(Path(tmp) / "db"))
         services = Services(settings)
         docs, texts, queries, qtexts = base_data(
-            services, settings.llm.cache_dir / "bench" / "retrieval_base.npz")
+            services, settings.llm.cache_dir / "bench" /
+            f"retrieval_base_{services.embedder.name.replace('/', '_')}.npz")
         pick = np.random.default_rng(0).choice(len(queries), args.queries, replace=False)
         queries, qtexts = queries[pick], [qtexts[i] for i in pick]
         rows = []

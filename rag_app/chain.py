@@ -32,6 +32,7 @@ from rag_app.settings import GenerationSettings
 RETRIEVAL_KEYS = ("k", "mode", "min_similarity", "mmr", "mmr_lambda", "fetch_k", "rerank",
                   "source", "page", "collection")
 QUEUE_KEY = "queue_ahead"  # on the empty chunks sent while waiting for the model
+QUEUE_MS_KEY = "queue_ms"  # on the empty chunk sent once the model is this request's
 
 
 @dataclass
@@ -121,9 +122,15 @@ class RagChain:
         overrides = {k: v for k, v in x.get("generation", {}).items() if v is not None}
         gate = self.chat_model.lm.gate
         ticket = gate.enter()
+        entered = time.perf_counter()
         try:  # one generation at a time; the waiting ones report their place in the queue
-            while ahead := gate.wait(ticket, timeout=0.5):
+            ahead = gate.wait(ticket, timeout=0)
+            while ahead:
                 yield AIMessageChunk(content="", response_metadata={QUEUE_KEY: str(ahead)})
+                ahead = gate.wait(ticket, timeout=0.5)
+            # Admitted: the time spent in the queue, measured at the gate itself.
+            yield AIMessageChunk(content="", response_metadata={
+                QUEUE_KEY: "0", QUEUE_MS_KEY: str((time.perf_counter() - entered) * 1000)})
             yield from self.chat_model.stream(
                 [(m["role"].replace("user", "human"), m["content"]) for m in x["messages"]],
                 config, **overrides,
@@ -148,7 +155,7 @@ class RagChain:
         pieces: list[str] = []
         message: AIMessageChunk | None = None
         retrieved_at = started
-        queued_at, queue_s = 0.0, 0.0
+        queue_ms = 0.0
         for chunk in self.runnable.stream(inputs):
             query = chunk.get("query", query)
             # up to the end of retrieval; fitting may load the LLM, which is not retrieval
@@ -157,11 +164,12 @@ class RagChain:
                 docs = chunk["docs"]
                 yield docs
             if "answer" in chunk and QUEUE_KEY in chunk["answer"].response_metadata:
-                queued_at = queued_at or time.perf_counter()
-                yield Waiting(int(chunk["answer"].response_metadata[QUEUE_KEY]))
+                queue = chunk["answer"].response_metadata
+                if QUEUE_MS_KEY in queue:
+                    queue_ms = float(queue[QUEUE_MS_KEY])
+                else:
+                    yield Waiting(int(queue[QUEUE_KEY]))
             elif "answer" in chunk:
-                if queued_at and not queue_s:
-                    queue_s = time.perf_counter() - queued_at
                 message = chunk["answer"] if message is None else message + chunk["answer"]
                 if chunk["answer"].content:
                     pieces.append(chunk["answer"].text)
@@ -173,7 +181,7 @@ class RagChain:
             question, query, answer, docs,
             parse_citations(answer, len(docs)) if found else [], found,
             {**(self._model_meta() if found else {"model_name": self.model_name}), **meta},
-            {"retrieve_ms": (retrieved_at - started) * 1000, "queue_ms": queue_s * 1000,
+            {"retrieve_ms": (retrieved_at - started) * 1000, "queue_ms": queue_ms,
              "first_token_ms": meta.get("first_token_ms", 0.0),
              "generate_ms": meta.get("generate_ms", 0.0),
              "tokens_per_s": meta.get("tokens_per_s", 0.0),

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lancedb
+import numpy as np
 import pyarrow as pa
 from lancedb.index import FTS, IvfHnswSq, IvfPq, IvfRq, IvfSq
 from lancedb.rerankers import Reranker, RRFReranker
@@ -300,7 +301,7 @@ class ChunkStore:
     @staticmethod
     def _hit(row: dict[str, Any], query_vector: Sequence[float]) -> Hit:
         vec = row.pop("vector")
-        similarity = float(sum(a * b for a, b in zip(vec, query_vector, strict=True)))
+        similarity = float(np.dot(vec, query_vector))
         if "_relevance_score" in row:
             score = row["_relevance_score"]
         elif "_score" in row:

@@ -120,6 +120,7 @@ def test_two_ingests_at_once_both_finish_or_one_reports_busy(
     outcomes = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     for code, err in outcomes:
         assert code == 0 or "busy" in err, err
+    assert any(code == 0 for code, _ in outcomes)  # at most one may be turned away
     found = chunks_by_source(shell_env["RAG_DB_URI"])
     by_name = {Path(s).name: c for s, c in found.items()}
     expected_by_name = {Path(s).name: c for s, c in expected.items()}

@@ -1,6 +1,7 @@
 """`rag ui` as a user meets it: a real Streamlit server driven by headless Chromium."""
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -97,8 +98,10 @@ def test_upload_ask_delete_in_browser(page, server: str, tmp_path: Path, shots: 
 
     page.goto(server)
     idle(page)
-    answer = ask(page, "How much power does the Zorblat reactor produce?")
-    assert "reactor-notes.md" in answer and "42" in answer
+    message = ask(page, "How much power does the Zorblat reactor produce?")
+    answer_text = (page.get_by_test_id("stChatMessage").last
+                   .get_by_test_id("stMarkdownContainer").first.inner_text())
+    assert "reactor-notes.md" in message and re.search(r"\b42\b", answer_text), answer_text
 
     page.goto(server + "/documents")
     idle(page)

@@ -80,7 +80,8 @@ def answer_caption(answer: dict[str, Any]) -> None:
     if not answer["found"]:
         st.caption(f"retrieval {t['retrieve_ms']:.0f} ms · the model was not called")
         return
-    queued = f"waited {t['queue_ms'] / 1000:.1f} s for the model · " if t.get("queue_ms") else ""
+    waited = t.get("queue_ms", 0) >= 50  # another session's generation came first
+    queued = f"waited {t['queue_ms'] / 1000:.1f} s for the model · " if waited else ""
     st.caption(
         f"{escape_markdown(str(answer.get('model')))} on {answer.get('device')} · "
         f"retrieval {t['retrieve_ms']:.0f} ms · {queued}first token "
