@@ -105,7 +105,7 @@ def passage_text(title: str, text: str) -> str:
 def ensure_index(services: Services, ds: Dataset, collection: str,
                  progress: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Ingest the corpus unless the collection already holds every passage."""
-    from ingest.pipeline import Ingestor, SourceFile
+    from ingest.pipeline import SourceFile
 
     wanted = {pid for pid, (t, x) in ds.corpus.items() if passage_text(t, x).strip()}
     stored = {s.removesuffix(SUFFIX) for s in services.store.document_hashes(collection)}
@@ -115,10 +115,7 @@ def ensure_index(services: Services, ds: Dataset, collection: str,
     files = [SourceFile(f"{pid}{SUFFIX}",
                         lambda t=title, x=text: passage_text(t, x).encode("utf-8"))
              for pid, (title, text) in ds.corpus.items() if pid in wanted]
-    ingestor = Ingestor(services.embedder, services.store, services.settings.chunking)
-    report = ingestor.ingest(files, collection, progress)
-    # One merge_insert per passage leaves many small fragments: compact them once.
-    services.store.refresh_indexes(collection)
+    report = services.ingestor().ingest(files, collection, progress)  # indexes refreshed too
     return {"cached": False, "ingest_s": time.perf_counter() - started,
             "failed": len(report.failed)}
 

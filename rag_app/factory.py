@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from rag_app.errors import SettingsError
 from rag_app.settings import Settings
 
 if TYPE_CHECKING:
@@ -78,11 +77,9 @@ class Services:
         from rag_app.device import resolve_device
         from rag_app.locate import resolve_model_ref
 
-        model = self.settings.retrieval.rerank_model
-        if not model:
-            raise SettingsError("retrieval.rerank needs retrieval.rerank_model (a cross-encoder)")
         return CrossEncoderReranker(
-            model_name=resolve_model_ref(model, "retrieval.rerank_model"),
+            model_name=resolve_model_ref(self.settings.retrieval.rerank_model or "",
+                                         "retrieval.rerank_model"),
             device=resolve_device(self.settings.embedding.device),
             trust_remote_code=self.settings.llm.trust_remote_code)
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from threading import Thread
+from threading import Event, Thread
 from typing import Any
 
 import torch
@@ -127,14 +127,16 @@ class LocalLM:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
                                         skip_special_tokens=True, timeout=600)
         result: dict[str, Any] = {}
+        cancel = Event()
+        stops = self._stops(options, prompt_len)
+        stops.append(CancelStop(cancel))
 
         def run() -> None:
             try:
                 with torch.inference_mode():
                     result["out"] = self.model.generate(
                         **enc, generation_config=config, streamer=streamer,
-                        stopping_criteria=self._stops(options, prompt_len),
-                        tokenizer=self.tokenizer)
+                        stopping_criteria=stops, tokenizer=self.tokenizer)
             except BaseException as e:  # re-raised in the caller's thread
                 result["error"] = e
                 streamer.end()
@@ -143,12 +145,17 @@ class LocalLM:
         thread.start()
         first: float | None = None
         pieces = []
-        for piece in streamer:
-            if piece and first is None:
-                first = time.perf_counter() - started
-            pieces.append(piece)
-            yield piece
-        thread.join()
+        try:
+            for piece in streamer:
+                if piece and first is None:
+                    first = time.perf_counter() - started
+                pieces.append(piece)
+                yield piece
+        finally:
+            # A consumer that stops early (a closed browser tab, a Streamlit rerun) closes this
+            # generator: decoding stops too, so the model is really free for the next request.
+            cancel.set()
+            thread.join()
         if "error" in result:
             raise result["error"]
         total = time.perf_counter() - started
@@ -227,23 +234,16 @@ class LocalLM:
         return out
 
 
-def _filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
-                    ) -> torch.Tensor:
-    """Sampling distribution of one step, as transformers' temperature / top-k / top-p
-    processors apply them (in that order)."""
-    if temperature <= 0:
-        raise ValueError("temperature must be > 0")
-    scores = logits.float() / temperature
-    if 0 < top_k < scores.shape[-1]:
-        kth = scores.topk(top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_scores, order = scores.sort(descending=False)
-        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= 1 - top_p
-        drop[-1] = False  # always keep the likeliest token
-        scores = scores.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    return torch.softmax(scores, dim=-1)
+class CancelStop(StoppingCriteria):
+    """Stops `generate` once its event is set (transformers has no cancel of its own)."""
+
+    def __init__(self, event: Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor,
+                 **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool,
+                          device=input_ids.device)
 
 
 class RepetitionStop(StoppingCriteria):
@@ -280,7 +280,7 @@ def _load(settings: LLMSettings, device: str, dtype: torch.dtype
             return AutoModelForCausalLM.from_pretrained(
                 ref, dtype=dtype, quantization_config=quantization, device_map={"": device},
                 **kwargs), tokenizer
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, **kwargs).to(device)
     except ValueError as e:
         raise ModelLoadError(
             f"llm.model={settings.model!r} is not a causal language model ({e}); "
@@ -293,7 +293,7 @@ def _load(settings: LLMSettings, device: str, dtype: torch.dtype
         raise ModelLoadError(
             f"out of memory loading llm.model={settings.model!r} on {device}; choose a "
             "smaller llm.model, llm.dtype=bfloat16, or llm.device=cpu") from e
-    return model.to(device), tokenizer
+    return model, tokenizer
 
 
 def quantization_config(mode: str, device: str, dtype: torch.dtype) -> Any:

@@ -52,13 +52,14 @@ class LanceRetriever(BaseRetriever):
         except ValidationError as e:
             raise SettingsError(format_validation_error(e, "retrieval")) from e
         vector = self.embedder.embed_query(query)
+        # Settings validation guarantees a rerank_model, hence a reranker, when rerank is on.
         reranker = self.reranker() if opts.rerank and self.reranker else None
-        if opts.rerank and reranker is None:
-            raise SettingsError("retrieval.rerank needs retrieval.rerank_model (a cross-encoder)")
+        pool = max(opts.k, opts.fetch_k)  # what MMR and the reranker choose the k from
         hits = self.store.search(
             kwargs.get("collection") or self.collection, query, vector,
-            max(opts.k, opts.fetch_k) if opts.mmr or opts.rerank else opts.k, opts.mode,
-            filters(kwargs.get("source"), kwargs.get("page")), reranker)
+            pool if opts.mmr else opts.k, opts.mode,
+            filters(kwargs.get("source"), kwargs.get("page")), reranker,
+            candidates=pool if reranker else None)
         hits = [h for h in hits if h.similarity >= opts.min_similarity]
         if opts.mmr and len(hits) > 1:  # MMR orders the picks too, also when it keeps them all
             # LangChain's MMR: each next pick balances relevance against the picks so far.

@@ -200,10 +200,8 @@ class ChunkStore:
         if table is None or not sources:
             return 0
         where = "source IN (" + ", ".join(sql_string(s) for s in sources) + ")"
-        before = table.count_rows()
         with self.writing(collection):
-            table.delete(where)
-        return before - table.count_rows()
+            return table.delete(where).num_deleted_rows
 
     def refresh_indexes(self, collection: str) -> None:
         """Bring the indexes up to date; cheap when they already are, so callers may call it
@@ -228,9 +226,7 @@ class ChunkStore:
                 extra = {"num_bits": self.index.rq_bits} if kind is IvfRq else {}
                 config = kind(distance_type="cosine", **extra)
                 table.create_index("vector", config=config, replace=True)
-            stale = [i.name for i in indices
-                     if (stats := table.index_stats(i.name)) and stats.num_unindexed_rows]
-            if stale:
+            if any(i.num_unindexed_rows for i in indices):
                 table.optimize()
 
     # -- reads ----------------------------------------------------------------------------
@@ -255,13 +251,15 @@ class ChunkStore:
     def search(
         self, collection: str, query: str, vector: Sequence[float], k: int,
         mode: SearchMode = "hybrid", where: str | None = None, reranker: Reranker | None = None,
+        candidates: int | None = None,
     ) -> list[Hit]:
         """The k best chunks. Hybrid fuses the vector and BM25 rankings with reciprocal-rank
         fusion; a `reranker` (LanceDB's, e.g. a cross-encoder) rescores the candidates of
-        any mode instead."""
+        any mode instead. `candidates` per side: default max(4k, 20)."""
         table = self._require(collection)
         try:
-            rows = self._ranked(table, query, vector, k, mode, where, reranker)
+            rows = self._ranked(table, query, vector, k, mode, where, reranker,
+                                max(candidates or max(4 * k, 20), k))
         except ValueError as e:  # LanceDB's way of saying the FTS index does not exist
             if "INVERTED index" not in str(e):
                 raise
@@ -270,8 +268,8 @@ class ChunkStore:
         return [self._hit(r, vector) for r in rows.slice(0, k).to_pylist()]
 
     def _ranked(self, table: Any, query: str, vector: Sequence[float], k: int, mode: SearchMode,
-                where: str | None, reranker: Reranker | None) -> pa.Table:
-        n = max(4 * k, 20)  # candidates fetched from each side before fusing or reranking
+                where: str | None, reranker: Reranker | None, n: int) -> pa.Table:
+        """`n`: candidates fetched from each side before fusing or reranking."""
         if mode == "vector" and reranker is None:
             return self._vector_query(table, vector, where).limit(k).to_arrow()
         if mode == "fulltext" and reranker is None:

@@ -1,6 +1,7 @@
 """The real SmolLM2 (bundled GGUF, converted once into the session cache)."""
 
 import math
+import threading
 
 import pytest
 
@@ -51,6 +52,15 @@ def test_stream_yields_pieces_then_generation_with_token_probs(lm: LocalLM) -> N
     assert final.mean_logprob is not None and final.mean_logprob <= 0
     assert math.isclose(final.mean_logprob,
                         sum(math.log(t.prob) for t in final.tokens) / len(final.tokens))
+
+
+def test_a_stream_closed_early_stops_decoding(lm: LocalLM) -> None:
+    before = threading.active_count()
+    stream = lm.stream(MESSAGES, opts(max_new_tokens=512, stop_on_repeat=0))
+    assert isinstance(next(stream), str) and isinstance(next(stream), str)
+    assert threading.active_count() == before + 1  # the decoding thread
+    stream.close()  # what a closed tab or a Streamlit rerun does to the generator
+    assert threading.active_count() == before  # decoding stopped; the model is free
 
 
 def test_sampling_with_seed_is_reproducible(lm: LocalLM) -> None:
