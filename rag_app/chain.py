@@ -19,6 +19,7 @@ from langchain_core.messages import AIMessageChunk
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda, RunnablePassthrough
 
 from rag_app.chat_model import LocalChatModel, generation_options
+from rag_app.citations import match_sources
 from rag_app.prompt import (
     NOT_FOUND,
     build_messages,
@@ -27,7 +28,7 @@ from rag_app.prompt import (
     parse_citations,
 )
 from rag_app.retriever import LanceRetriever
-from rag_app.settings import GenerationSettings
+from rag_app.settings import CitationSettings, GenerationSettings
 
 RETRIEVAL_KEYS = ("k", "mode", "min_similarity", "mmr", "mmr_lambda", "fetch_k", "rerank",
                   "source", "page", "collection")
@@ -48,10 +49,11 @@ class RagAnswer:
     query: str  # the standalone query actually searched (differs for follow-ups)
     answer: str
     sources: list[Document]
-    cited: list[int]
+    cited: list[int]  # the [n] the model wrote
     found: bool
     metadata: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    matched: list[int] = field(default_factory=list)  # uncited sentences' sources, by the app
 
     def to_json(self) -> dict[str, Any]:
         meta = self.metadata
@@ -59,7 +61,8 @@ class RagAnswer:
             "question": self.question, "query": self.query, "answer": self.answer,
             "found": self.found, "sources": [source_json(n, d) for n, d in
                                              enumerate(self.sources, 1)],
-            "cited": self.cited, "model": meta.get("model_name"), "device": meta.get("device"),
+            "cited": self.cited, "matched": self.matched, "model": meta.get("model_name"),
+            "device": meta.get("device"),
             "dtype": meta.get("dtype"), "timings": self.timings,
             "tokens": [{"text": t["text"], "prob": t["prob"]} for t in meta.get("tokens", [])],
             "mean_logprob": meta.get("mean_logprob"),
@@ -78,13 +81,15 @@ class RagChain:
     """Retriever + prompt + chat model, with the prompt fitted to the model's context."""
 
     def __init__(self, retriever: LanceRetriever, chat_model: Callable[[], LocalChatModel],
-                 generation: GenerationSettings, model_name: str = "") -> None:
+                 generation: GenerationSettings, model_name: str = "",
+                 citations: CitationSettings | None = None) -> None:
         """`chat_model` is called on first need: a question that retrieves nothing, or an
         empty collection, never loads the LLM."""
         self.retriever = retriever
         self._chat_model = chat_model
         self.generation = generation
         self.model_name = model_name
+        self.citations = citations or CitationSettings()
         self.runnable: Runnable = (
             RunnablePassthrough.assign(query=RunnableLambda(_condense, name="condense"))
             .assign(docs=RunnableLambda(self._retrieve, name="retrieve"))
@@ -177,20 +182,28 @@ class RagChain:
         meta = dict(message.response_metadata) if message else {}
         answer = "".join(pieces).strip()
         found = not meta.get("not_found")
+        cited = parse_citations(answer, len(docs)) if found else []
         yield RagAnswer(
-            question, query, answer, docs,
-            parse_citations(answer, len(docs)) if found else [], found,
+            question, query, answer, docs, cited, found,
             {**(self._model_meta() if found else {"model_name": self.model_name}), **meta},
             {"retrieve_ms": (retrieved_at - started) * 1000, "queue_ms": queue_ms,
              "first_token_ms": meta.get("first_token_ms", 0.0),
              "generate_ms": meta.get("generate_ms", 0.0),
              "tokens_per_s": meta.get("tokens_per_s", 0.0),
-             "total_ms": (time.perf_counter() - started) * 1000})
+             "total_ms": (time.perf_counter() - started) * 1000},
+            self._match(answer, query, docs, cited) if found else [])
 
     def answer(self, question: str, history: Sequence[str] = (), **options: Any) -> RagAnswer:
         *_, final = self.stream_events(question, history, **options)
         assert isinstance(final, RagAnswer)
         return final
+
+    def _match(self, answer: str, query: str, docs: list[Document], cited: list[int]
+               ) -> list[int]:
+        if not self.citations.match_uncited or NOT_FOUND.lower() in answer.lower():
+            return []
+        return match_sources(answer, query, [d.page_content for d in docs], cited,
+                             self.citations.min_overlap)
 
     def _model_meta(self) -> dict[str, Any]:
         lm = self.chat_model.lm

@@ -198,7 +198,7 @@ def ask(
     typer.echo("")
     out = result.to_json()
     for s in out["sources"]:
-        mark = "*" if s["n"] in out["cited"] else " "
+        mark = "*" if s["n"] in out["cited"] else "~" if s["n"] in out["matched"] else " "
         page = f" p.{s['page']}" if s["page"] is not None else ""
         typer.echo(f"{mark}[{s['n']}] {s['source']}{page}  score={s['score']:.3f}")
     t = out["timings"]

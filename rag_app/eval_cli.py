@@ -45,10 +45,12 @@ def format_report(out: dict[str, Any]) -> str:
         lines += [
             "",
             f"answers (k={out['k']}, {a['questions']} questions, {a['answered']} answered)",
-            f"  {'exact_match':<22}{a['exact_match']:.3f}",
-            f"  {'f1':<22}{a['f1']:.3f}",
-            f"  {'cited_contains_gold':<22}{a['cited_contains_gold']:.3f}  (of answered)",
-            f"  {'not_found':<22}{a['not_found']:.3f}",
+            f"  {'exact_match':<26}{a['exact_match']:.3f}",
+            f"  {'f1':<26}{a['f1']:.3f}",
+            f"  {'cited_contains_gold':<26}{a['cited_contains_gold']:.3f}  (of answered)",
+            f"  {'supported_contains_gold':<26}{a['supported_contains_gold']:.3f}  "
+            "(cited or matched, of answered)",
+            f"  {'not_found':<26}{a['not_found']:.3f}",
         ]
     lines += [
         "",

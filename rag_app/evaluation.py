@@ -162,6 +162,7 @@ def run_eval(services: Services, dataset_dir: Path, limit: int | None, mode: str
                 "answer": out.answer, "golds": list(q["answers"]),
                 "not_found": metrics.is_not_found(out.answer, out.found, NOT_FOUND),
                 "cited_texts": [out.sources[n - 1].page_content for n in out.cited],
+                "matched_texts": [out.sources[n - 1].page_content for n in out.matched],
             })
         answers = metrics.answer_metrics(results)
 

@@ -123,10 +123,12 @@ def is_not_found(answer: str, found: bool, not_found_reply: str) -> bool:
 
 def answer_metrics(results: Sequence[Mapping]) -> dict[str, float | int]:
     """Aggregate per-question results with keys `answer`, `golds`, `not_found` and
-    `cited_texts` (texts of the sources the answer cites).
+    `cited_texts` (texts of the sources the answer cites) and optionally `matched_texts`
+    (sources the app matched to uncited sentences).
 
     exact_match and f1 are over all questions (a "not found" reply scores 0 unless it matches);
-    cited_contains_gold is over the answered questions (not "not found").
+    cited_contains_gold (the model's citations) and supported_contains_gold (its citations
+    and the matched sources) are over the answered questions (not "not found").
     """
     answered = [r for r in results if not r["not_found"]]
     return {
@@ -137,5 +139,8 @@ def answer_metrics(results: Sequence[Mapping]) -> dict[str, float | int]:
         "answered": len(answered),
         "cited_contains_gold": mean(float(contains_gold(r["cited_texts"], r["golds"]))
                                     for r in answered),
+        "supported_contains_gold": mean(
+            float(contains_gold([*r["cited_texts"], *r.get("matched_texts", [])], r["golds"]))
+            for r in answered),
         "not_found": mean(float(r["not_found"]) for r in results),
     }

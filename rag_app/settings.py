@@ -148,6 +148,15 @@ class RetrievalSettings(BaseModel):
         return self
 
 
+class CitationSettings(BaseModel):
+    match_uncited: bool = Field(
+        True, description="Match answer sentences the model did not cite to the source holding "
+        "their words, and report those sources as matched (apart from the model's citations).")
+    min_overlap: float = Field(
+        0.6, gt=0.0, le=1.0, description="Share of a sentence's evidence words (those not in "
+        "the question) that a source must contain to be matched to it.")
+
+
 class IndexSettings(BaseModel):
     vector_min_rows: int = Field(
         20_000, ge=1,
@@ -195,6 +204,7 @@ class Settings(BaseSettings):
     llm: LLMSettings = Field(default_factory=LLMSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    citations: CitationSettings = Field(default_factory=CitationSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
     ui: UISettings = Field(default_factory=UISettings)
 

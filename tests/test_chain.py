@@ -9,7 +9,7 @@ from rag_app.chain import RagAnswer
 from rag_app.prompt import NOT_FOUND
 
 pytestmark = pytest.mark.slow
-JSON_KEYS = {"answer", "sources", "cited", "model", "device", "timings"}
+JSON_KEYS = {"answer", "sources", "cited", "matched", "model", "device", "timings"}
 SOURCE_KEYS = {"n", "source", "page", "text", "score"}
 TIMING_KEYS = {"retrieve_ms", "first_token_ms", "generate_ms", "tokens_per_s"}
 
@@ -42,7 +42,8 @@ def test_ask_demo_question_end_to_end(demo_index, demo_questions) -> None:
     assert out["model"] and out["device"] == "cpu"
     assert out["timings"]["tokens_per_s"] > 0 and out["tokens"]
     assert 0 < out["timings"]["retrieve_ms"] < out["timings"]["total_ms"]
-    assert all(1 <= n <= len(out["sources"]) for n in out["cited"])
+    assert all(1 <= n <= len(out["sources"]) for n in out["cited"] + out["matched"])
+    assert set(out["cited"]).isdisjoint(out["matched"])
 
 
 def test_stream_yields_sources_before_first_token(demo_index) -> None:

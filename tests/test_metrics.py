@@ -123,7 +123,8 @@ def test_answer_metrics_by_hand() -> None:
         {"answer": "Santa Clara [1].", "golds": ["Santa Clara"], "not_found": False,
          "cited_texts": ["Played in Santa Clara."]},
         {"answer": "The Broncos won in Denver [2].", "golds": ["Denver Broncos"],
-         "not_found": False, "cited_texts": ["Something else."]},
+         "not_found": False, "cited_texts": ["Something else."],
+         "matched_texts": ["The Denver Broncos won."]},
         {"answer": "I could not find the answer in your documents.", "golds": ["Levi's"],
          "not_found": True, "cited_texts": []},
     ]
@@ -131,5 +132,5 @@ def test_answer_metrics_by_hand() -> None:
     # F1 of "broncos won in denver" vs "denver broncos": P = 2/4, R = 1 -> 2/3
     assert out == pytest.approx({
         "questions": 3, "exact_match": 1 / 3, "f1": (1 + 2 / 3 + 0) / 3, "answered": 2,
-        "cited_contains_gold": 0.5, "not_found": 1 / 3})
+        "cited_contains_gold": 0.5, "supported_contains_gold": 1.0, "not_found": 1 / 3})
     assert answer_metrics([])["f1"] == 0.0

@@ -12,7 +12,7 @@ import streamlit as st
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:=^])")
 _STOP = {"the", "and", "for", "are", "was", "what", "which", "how", "does", "with", "that",
          "this", "from", "have", "has", "who", "when", "where", "why", "many", "much", "into"}
-CITED, RETRIEVED = "blue", "gray"
+CITED, MATCHED, RETRIEVED = "blue", "violet", "gray"
 
 
 def escape_markdown(text: str) -> str:
@@ -20,8 +20,8 @@ def escape_markdown(text: str) -> str:
     return _MD_SPECIAL.sub(r"\\\1", text).replace("\n", "  \n")
 
 
-def badge(n: int, cited: bool) -> str:
-    return f":{CITED if cited else RETRIEVED}-badge[{n}]"
+def badge(n: int, cited: bool, matched: bool = False) -> str:
+    return f":{CITED if cited else MATCHED if matched else RETRIEVED}-badge[{n}]"
 
 
 def answer_markdown(text: str, n_sources: int) -> str:
@@ -54,21 +54,24 @@ def highlight(text: str, query: str) -> str:
     return "".join(out) + escape_markdown(text[last:])
 
 
-def source_title(s: dict[str, Any], cited: bool) -> str:
+def source_title(s: dict[str, Any], cited: bool, matched: bool = False) -> str:
     name = escape_markdown(PurePath(str(s["source"])).name)
     page = f", p. {s['page']}" if s.get("page") is not None else ""
-    mark = "cited" if cited else "retrieved"
+    mark = "cited" if cited else "matched to the answer" if matched else "retrieved"
     similarity = s.get("similarity")
     match = f" · similarity {similarity:.2f}" if similarity is not None else ""
-    return f"{badge(s['n'], cited)} {name}{page} · {mark}{match}"
+    return f"{badge(s['n'], cited, matched)} {name}{page} · {mark}{match}"
 
 
-def source_cards(sources: list[dict[str, Any]], cited: list[int], query: str = "") -> None:
+def source_cards(sources: list[dict[str, Any]], cited: list[int], query: str = "",
+                 matched: list[int] | None = None) -> None:
     if not sources:
         return
-    st.caption(f"Sources: {len(sources)} retrieved, {len(cited)} cited")
+    matched = matched or []
+    also = f", {len(matched)} matched to the uncited answer" if matched else ""
+    st.caption(f"Sources: {len(sources)} retrieved, {len(cited)} cited by the model{also}")
     for s in sources:
-        with st.expander(source_title(s, s["n"] in cited)):
+        with st.expander(source_title(s, s["n"] in cited, s["n"] in matched)):
             if s.get("heading"):
                 st.caption(escape_markdown(s["heading"]))
             st.markdown(highlight(s["text"], query))
@@ -97,11 +100,15 @@ def answer_body(answer: dict[str, Any], confidence: bool = False) -> None:
                    "(green ≥ 0.7, orange ≥ 0.3, red below).")
     else:
         st.markdown(answer_markdown(answer["answer"], len(answer["sources"])))
+    if answer["found"] and answer.get("matched"):
+        st.caption("Not cited by the model, but its words are in "
+                   + " ".join(badge(n, False, True) for n in answer["matched"]))
 
 
 def past_answer(answer: dict[str, Any], confidence: bool = False) -> None:
     if answer.get("query") and answer["query"] != answer.get("question"):
         st.caption(escape_markdown(f"Searched for: {answer['query']}"))
     answer_body(answer, confidence)
-    source_cards(answer["sources"], answer["cited"], answer.get("query", ""))
+    source_cards(answer["sources"], answer["cited"], answer.get("query", ""),
+                 answer.get("matched"))
     answer_caption(answer)

@@ -77,7 +77,7 @@ with st.chat_message("assistant"):
     with answer_box.container():  # the streamed text, now with citation badges
         render.answer_body(answer, state.show_confidence())
     with sources_box.container():
-        render.source_cards(answer["sources"], answer["cited"], question)
+        render.source_cards(answer["sources"], answer["cited"], question, answer["matched"])
     render.answer_caption(answer)
     history += [{"role": "user", "content": question},
                 {"role": "assistant", "content": answer["answer"], "answer": answer}]
