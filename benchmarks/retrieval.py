@@ -28,7 +28,8 @@ import numpy as np
 import pyarrow as pa
 
 from rag_app.factory import Services
-from rag_app.settings import Settings, load_settings
+from rag_app.fusion import fusion_reranker
+from rag_app.settings import RetrievalSettings, Settings, load_settings
 from rag_app.store import chunk_schema
 
 EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "eval"
@@ -128,7 +129,8 @@ def bench_size(settings: Settings, n: int, docs: np.ndarray, texts: list[str],
 
     def search(mode: str):
         def run(i: int) -> list[str]:
-            hits = store.search(collection, qtexts[i], queries[i], k, mode=mode)
+            fuse = fusion_reranker(RetrievalSettings()) if mode == "hybrid" else None
+            hits = store.search(collection, qtexts[i], queries[i], k, mode=mode, reranker=fuse)
             return [h.metadata["id"] for h in hits]
         return run
 
@@ -149,7 +151,7 @@ def bench_size(settings: Settings, n: int, docs: np.ndarray, texts: list[str],
     _, ms = timed(search("fulltext"), idx)
     rows.append((n, "full-text (BM25)", "", *percentiles(ms), None))
     found, ms = timed(search("hybrid"), idx)
-    rows.append((n, "hybrid (vector + BM25, RRF)", "", *percentiles(ms), None))
+    rows.append((n, "hybrid (vector + BM25, z-score fusion)", "", *percentiles(ms), None))
     store.db.drop_table(collection)
     return rows
 

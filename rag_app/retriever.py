@@ -15,6 +15,7 @@ from pydantic import ConfigDict, ValidationError
 
 from rag_app.embeddings import Embedder
 from rag_app.errors import SettingsError
+from rag_app.fusion import fusion_reranker
 from rag_app.settings import RetrievalSettings, format_validation_error
 from rag_app.store import ChunkStore, Hit, sql_string
 
@@ -54,11 +55,12 @@ class LanceRetriever(BaseRetriever):
         vector = self.embedder.embed_query(query)
         # Settings validation guarantees a rerank_model, hence a reranker, when rerank is on.
         reranker = self.reranker() if opts.rerank and self.reranker else None
+        fuse = fusion_reranker(opts) if reranker is None and opts.mode == "hybrid" else None
         pool = max(opts.k, opts.fetch_k)  # what MMR and the reranker choose the k from
         hits = self.store.search(
             kwargs.get("collection") or self.collection, query, vector,
             pool if opts.mmr else opts.k, opts.mode,
-            filters(kwargs.get("source"), kwargs.get("page")), reranker,
+            filters(kwargs.get("source"), kwargs.get("page")), reranker or fuse,
             candidates=pool if reranker else None)
         hits = [h for h in hits if h.similarity >= opts.min_similarity]
         if opts.mmr and len(hits) > 1:  # MMR orders the picks too, also when it keeps them all

@@ -121,8 +121,13 @@ class LLMSettings(BaseModel):
 class RetrievalSettings(BaseModel):
     k: int = Field(4, ge=1, le=50, description="Passages given to the model.")
     mode: Literal["vector", "fulltext", "hybrid"] = Field(
-        "hybrid", description="vector (embeddings), fulltext (BM25) or hybrid (both, RRF-fused)."
-    )
+        "hybrid", description="vector (embeddings), fulltext (BM25) or hybrid (both, fused).")
+    fusion: Literal["zscore", "rrf"] = Field(
+        "zscore", description="How hybrid fuses the two rankings: zscore (standardised scores, "
+        "weighted by vector_weight) or rrf (reciprocal-rank fusion, ranks only).")
+    vector_weight: float = Field(
+        0.5, ge=0.0, le=1.0, description="zscore fusion: weight of the vector side (1 - it: "
+        "BM25).")
     min_similarity: float = Field(
         0.2, ge=-1.0, le=1.0,
         description="Cosine similarity below which a passage is not used as evidence.",

@@ -16,7 +16,7 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 from lancedb.index import FTS, IvfHnswSq, IvfPq, IvfRq, IvfSq
-from lancedb.rerankers import Reranker, RRFReranker
+from lancedb.rerankers import Reranker
 
 from rag_app.errors import EmbeddingMismatchError, EmptyIndexError, StoreBusyError, StoreError
 from rag_app.settings import IndexSettings
@@ -80,7 +80,6 @@ class ChunkStore:
         self.embedding_model = embedding_model
         self.dim = dim
         self.index = index or IndexSettings()
-        self.reranker = RRFReranker()
         try:
             self.db = lancedb.connect(uri, storage_options=storage_options or None)
         except (OSError, ValueError) as e:
@@ -253,9 +252,10 @@ class ChunkStore:
         mode: SearchMode = "hybrid", where: str | None = None, reranker: Reranker | None = None,
         candidates: int | None = None,
     ) -> list[Hit]:
-        """The k best chunks. Hybrid fuses the vector and BM25 rankings with reciprocal-rank
-        fusion; a `reranker` (LanceDB's, e.g. a cross-encoder) rescores the candidates of
-        any mode instead. `candidates` per side: default max(4k, 20)."""
+        """The k best chunks. Hybrid fuses the vector and BM25 rankings with `reranker`
+        (required: `rag_app.fusion.fusion_reranker`, or a cross-encoder); a reranker given
+        to the other modes rescores their candidates. `candidates` per side: default
+        max(4k, 20)."""
         table = self._require(collection)
         try:
             rows = self._ranked(table, query, vector, k, mode, where, reranker,
@@ -280,7 +280,10 @@ class ChunkStore:
         if mode == "fulltext":
             return reranker.rerank_fts(
                 query, self._text_query(table, query, where).limit(n).to_arrow())
-        return (reranker or self.reranker).rerank_hybrid(
+        if reranker is None:
+            raise TypeError("a hybrid search needs a reranker to fuse its two rankings "
+                             "(rag_app.fusion.fusion_reranker)")
+        return reranker.rerank_hybrid(
             query,
             self._vector_query(table, vector, where).limit(n).with_row_id(True).to_arrow(),
             self._text_query(table, query, where).limit(n).with_row_id(True).to_arrow())

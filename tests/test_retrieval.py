@@ -2,10 +2,13 @@
 
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 from ingest.pipeline import Ingestor, SourceFile
 from rag_app.factory import Services
+from rag_app.fusion import ZScoreFusion
 
 DOCS = {
     "upload/parts.md": "# Inventory\n\nItem QX-7734 ships from warehouse nine on Tuesdays.",
@@ -30,15 +33,34 @@ def names(docs) -> list[str]:
     return [d.metadata["source"] for d in docs]
 
 
-def test_hybrid_fuses_a_keyword_only_hit_and_a_meaning_only_hit(lean: Services) -> None:
+@pytest.mark.parametrize("fusion", ["zscore", "rrf"])
+def test_hybrid_fuses_a_keyword_only_hit_and_a_meaning_only_hit(lean: Services,
+                                                                fusion: str) -> None:
     query = "what makes a car motor start QX-7734"
     r = lean.retriever("c")
     fulltext = names(r.invoke(query, mode="fulltext", k=3, min_similarity=-1))
     assert fulltext[0] == "upload/parts.md" and "upload/engine.md" not in fulltext
     vector = names(r.invoke(query, mode="vector", k=1, min_similarity=-1))
     assert vector == ["upload/engine.md"]
-    hybrid = names(r.invoke(query, mode="hybrid", k=2, min_similarity=-1))
+    hybrid = names(r.invoke(query, mode="hybrid", k=2, min_similarity=-1, fusion=fusion))
     assert set(hybrid) == {"upload/parts.md", "upload/engine.md"}
+
+
+def test_zscore_fusion_by_hand() -> None:
+    vec = pa.table({"_rowid": [1, 2, 3], "text": ["a", "b", "c"],
+                    "_distance": pa.array([0.1, 0.3, 0.5], pa.float32())})  # sims .9 .7 .5
+    fts = pa.table({"_rowid": [3, 4], "text": ["c", "d"],
+                    "_score": pa.array([9.0, 1.0], pa.float32())})
+    out = ZScoreFusion(0.5).rerank_hybrid("q", vec, fts).to_pylist()
+    z = 0.2 / np.std([0.9, 0.7, 0.5])  # vector z-scores: +z, 0, -z; BM25: +1, -1
+    expected = {1: 0.5 * z - 0.5, 2: -0.5, 3: -0.5 * z + 0.5, 4: -0.5 * z - 0.5}
+    assert [r["_rowid"] for r in out] == sorted(expected, key=lambda i: -expected[i])
+    assert {r["_rowid"]: r["_relevance_score"] for r in out} == pytest.approx(expected,
+                                                                             abs=1e-5)
+    assert "_distance" not in out[0] and "_score" not in out[0]
+    # all weight on the vector side: the vector order stands
+    only_vec = ZScoreFusion(1.0).rerank_hybrid("q", vec, fts).to_pylist()
+    assert [r["_rowid"] for r in only_vec][:2] == [1, 2]
 
 
 def test_source_filter_excludes_other_documents(lean: Services) -> None:

@@ -8,6 +8,7 @@ import pytest
 from ingest.pipeline import Ingestor, SourceFile
 from rag_app.errors import StoreError
 from rag_app.factory import Services
+from rag_app.fusion import ZScoreFusion
 from rag_app.settings import IndexSettings
 
 TOPICS = ["rivers", "volcanoes", "bread", "engines", "violins", "glaciers", "bees", "chess",
@@ -67,4 +68,4 @@ def test_missing_full_text_index_is_a_clear_error(small_threshold: Services) -> 
     assert s.store.search("c", "bread", vector, k=2, mode="vector")  # vectors still answer
     for mode in ("fulltext", "hybrid"):
         with pytest.raises(StoreError, match="full-text index is missing"):
-            s.store.search("c", "bread", vector, k=2, mode=mode)
+            s.store.search("c", "bread", vector, k=2, mode=mode, reranker=ZScoreFusion())
