@@ -18,8 +18,10 @@ _STOP_WORDS = (
     "it its this that these those there their they them he she his her we you your our i "
     "not no yes do does did done has have had can could will would should may might must "
     "what which who whom whose when where why how than then so such also very more most "
-    "about into over under after before between during answer source sources document "
-    "documents according")
+    "about into over under after before between during according "
+    # words small models use to frame an answer, never evidence
+    "answer answers question questions source sources document documents text passage "
+    "context information provided given mentioned stated")
 _STOP = frozenset(_STOP_WORDS.split())
 
 
