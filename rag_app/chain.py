@@ -208,7 +208,7 @@ class RagChain:
     def _model_meta(self) -> dict[str, Any]:
         lm = self.chat_model.lm
         return {"model_name": lm.name, "device": lm.device,
-                "dtype": str(lm.dtype).removeprefix("torch.")}
+                "dtype": lm.dtype_name}
 
 
 def _condense(x: dict[str, Any]) -> str:

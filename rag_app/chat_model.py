@@ -37,7 +37,7 @@ def generation_options(base: GenerationSettings, overrides: dict[str, Any]) -> G
 
 def generation_metadata(lm: LocalLM, gen: Generation) -> dict[str, Any]:
     return {
-        "model_name": lm.name, "device": lm.device, "dtype": str(lm.dtype).removeprefix("torch."),
+        "model_name": lm.name, "device": lm.device, "dtype": lm.dtype_name,
         "streamed": gen.streamed,
         "tokens": [{"text": t.text, "prob": t.prob, "top": t.top} for t in gen.tokens],
         "mean_logprob": gen.mean_logprob,

@@ -23,11 +23,14 @@ from transformers import (
     PreTrainedModel,
     StoppingCriteria,
     StoppingCriteriaList,
+    StopStringCriteria,
     TextIteratorStreamer,
     set_seed,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from rag_app import fast_decoder
+from rag_app.decoding import TextPieces, decode_steps
 from rag_app.device import resolve_device, resolve_dtype
 from rag_app.errors import ModelLoadError
 from rag_app.gate import FairGate
@@ -80,9 +83,18 @@ class LocalLM:
         self.model, self.tokenizer = _load(settings, self.device, self.dtype)
         self.model.eval()
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.fast = _fast_decoder(self.model, settings, self.device)
+        self.engine = "fast" if self.fast else "transformers"
         self.gate = FairGate()  # generations of several users take turns
-        log.info("loaded %s on %s/%s in %.1fs", self.name, self.device, self.dtype,
-                 time.perf_counter() - started)
+        log.info("loaded %s on %s/%s (%s) in %.1fs", self.name, self.device, self.dtype,
+                 self.engine, time.perf_counter() - started)
+
+    @property
+    def dtype_name(self) -> str:
+        """What the answers are computed in, as reported to users."""
+        if self.fast is not None:
+            return "int4 weights, bfloat16"
+        return str(self.dtype).removeprefix("torch.")
 
     # -- tokens ---------------------------------------------------------------------------
     def encode_chat(self, messages: Sequence[Message]) -> dict[str, torch.Tensor]:
@@ -112,6 +124,9 @@ class LocalLM:
         if options.seed is not None:
             set_seed(options.seed)
         started = time.perf_counter()
+        if self.fast is not None and options.num_beams == 1:
+            yield from self._stream_fast(enc, options, stop, started)
+            return
         if options.num_beams > 1:
             with torch.inference_mode():
                 out = self.model.generate(**enc, generation_config=config,
@@ -164,6 +179,39 @@ class LocalLM:
         yield Generation("".join(pieces), self._probs_from_logits(ids, out.logits), prompt_len,
                          first if first is not None else total, total, streamed=True,
                          token_ids=ids.tolist())
+
+    def _stream_fast(self, enc: dict[str, torch.Tensor], options: GenerationSettings,
+                     stop: Sequence[str] | None, started: float) -> Iterator[str | Generation]:
+        """The fast decoder's loop; closing this generator stops decoding."""
+        assert self.fast is not None
+        prompt = enc["input_ids"]
+        stops = self._stops(options, prompt.shape[1])
+        if stop:
+            stops.append(StopStringCriteria(self.tokenizer, list(stop)))
+        eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
+        eos_ids = set(eos) if isinstance(eos, list) else {eos}
+        text = TextPieces(self.tokenizer)
+        ids, logits, pieces = [], [], []
+        first: float | None = None
+        for token, step_logits in decode_steps(self.fast, prompt, options, stops, eos_ids):
+            ids.append(token)
+            logits.append(step_logits)
+            text.put(torch.tensor([token]))
+            for piece in text.take():
+                if piece and first is None:
+                    first = time.perf_counter() - started
+                pieces.append(piece)
+                yield piece
+        text.end()
+        for piece in text.take():
+            first = first if first is not None or not piece else time.perf_counter() - started
+            pieces.append(piece)
+            yield piece
+        total = time.perf_counter() - started
+        token_ids = torch.tensor(ids, dtype=torch.long)
+        yield Generation("".join(pieces), self._probs_from_logits(token_ids, logits),
+                         int(prompt.shape[1]), first if first is not None else total, total,
+                         streamed=True, token_ids=ids)
 
     def generate(self, messages: Sequence[Message], options: GenerationSettings,
                  stop: Sequence[str] | None = None) -> Generation:
@@ -317,6 +365,21 @@ def quantization_config(mode: str, device: str, dtype: torch.dtype) -> Any:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_compute_dtype=dtype)
+
+
+def _fast_decoder(model: PreTrainedModel, settings: LLMSettings, device: str
+                  ) -> fast_decoder.FastLlama | None:
+    """The fast CPU decoder when llm.engine asks for it (or `auto` allows it), else None."""
+    usable = device == "cpu" and settings.quantization == "none"
+    if settings.engine == "fast" and not (usable and fast_decoder.supports(model)):
+        raise ModelLoadError(
+            f"llm.engine=fast (RAG_LLM__ENGINE) runs Llama-architecture models on the CPU "
+            f"only; llm.model={settings.model!r} is {model.config.model_type} on {device}: "
+            "set llm.engine=auto or transformers")
+    if settings.engine == "transformers" or (settings.engine == "auto" and (
+            settings.dtype != "auto" or not usable or not fast_decoder.supports(model))):
+        return None
+    return fast_decoder.FastLlama(model)
 
 
 def _require_decoder(config: PretrainedConfig) -> None:

@@ -108,6 +108,11 @@ class LLMSettings(BaseModel):
     threads: int | None = Field(
         None, ge=1, description="torch CPU threads (None = torch's default)."
     )
+    engine: Literal["auto", "transformers", "fast"] = Field(
+        "auto", description="Who decodes: transformers' generate, or the fast CPU decoder "
+        "for Llama-architecture models (int4 weights, bfloat16; rag_app/fast_decoder.py). "
+        "auto = fast on CPU when the model supports it and llm.dtype is auto; beam search "
+        "always uses transformers.")
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own code.")
     quantization: Literal["none", "8bit", "4bit"] = Field(
         "none", description="Load the weights in 8 or 4 bits with bitsandbytes (CUDA only; "

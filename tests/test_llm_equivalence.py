@@ -1,5 +1,6 @@
-"""`LocalLM`'s decoding checked against the model itself (the session's real SmolLM2):
-plain `model.generate`, teacher-forced forward passes and a softmax over the logits."""
+"""`LocalLM`'s transformers engine checked against the model itself (the session's real
+SmolLM2): plain `model.generate`, teacher-forced forward passes and a softmax over the
+logits. The fast CPU decoder has its own checks in test_fast_decoder.py."""
 
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ STORY = [{"role": "user", "content": "Write a short story about a cat."}]
 
 @pytest.fixture(scope="module")
 def lm(services) -> LocalLM:
-    return services.lm
+    """The same model served by transformers' `generate` (the GPU and beam-search path)."""
+    llm = LocalLM(services.settings.llm.model_copy(update={"engine": "transformers"}))
+    assert llm.engine == "transformers" and llm.fast is None
+    return llm
 
 
 def opts(**kw) -> GenerationSettings:
