@@ -1,7 +1,8 @@
 """Decoder speed on a RAG-shaped prompt (about 1,500 tokens of sources + a question,
 128 new greedy tokens): load time (cold GGUF conversion and cached), time to first token and
-decode tokens/s for transformers (fp32, bf16, 1 and all threads) and, in the same run, for
-llama.cpp on the same GGUF file when `llama-cpp-python` is installed (see the README for
+decode tokens/s for the fast CPU decoder (the default on CPU), for transformers' `generate`
+(fp32, bf16), each on 1 and all threads, and, in the same run, for llama.cpp on the same
+GGUF file when `llama-cpp-python` is installed (see the README for
 the build flags this machine's compiler needs). Prints a Markdown table.
 
     .venv/bin/python benchmarks/generation.py [--runs 3] [--new-tokens 128]
@@ -43,7 +44,7 @@ def rag_messages(lm: LocalLM, target_tokens: int = 1500) -> list[dict[str, str]]
     return messages
 
 
-def bench_transformers(lm: LocalLM, messages: list, new_tokens: int, runs: int
+def bench_lm(lm: LocalLM, messages: list, new_tokens: int, runs: int
                        ) -> tuple[float, float]:
     options = load_settings().generation.model_copy(update={"max_new_tokens": new_tokens})
     gens = [lm.generate(messages, options) for _ in range(runs)]
@@ -91,18 +92,22 @@ def main() -> None:
         started = time.perf_counter()
         LocalLM(settings.llm.model_copy(update={"cache_dir": Path(cache)}))
         cold_s = time.perf_counter() - started
-        for dtype in ("float32", "bfloat16"):
+        variants = [("fast decoder, int4 + bfloat16 (default)", {"engine": "fast"}),
+                    ("transformers float32", {"engine": "transformers", "dtype": "float32"}),
+                    ("transformers bfloat16", {"engine": "transformers", "dtype": "bfloat16"})]
+        for name, update in variants:
             started = time.perf_counter()
-            lm = LocalLM(settings.llm.model_copy(update={"cache_dir": Path(cache),
-                                                         "dtype": dtype}))
+            lm = LocalLM(settings.llm.model_copy(update={"cache_dir": Path(cache), **update}))
             load_s = time.perf_counter() - started
             messages = rag_messages(lm)
             for threads in sorted({1, threads_all}):
                 torch.set_num_threads(threads)
-                first_ms, rate = bench_transformers(lm, messages, args.new_tokens, args.runs)
-                rows.append((f"transformers {dtype}", threads, load_s, first_ms, rate))
+                first_ms, rate = bench_lm(lm, messages, args.new_tokens, args.runs)
+                rows.append((name, threads, load_s, first_ms, rate))
                 print(rows[-1], file=sys.stderr, flush=True)
+            del lm
         torch.set_num_threads(threads_all)
+        lm = LocalLM(settings.llm.model_copy(update={"cache_dir": Path(cache)}))
         prompt_tokens = lm.count_chat_tokens(messages)
         prompt_text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                        tokenize=False)

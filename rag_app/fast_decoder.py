@@ -92,7 +92,9 @@ class FastLlama:
             self.layers.append({
                 "norm1": layer.input_layernorm.weight.detach().to(ACT),
                 "norm2": layer.post_attention_layernorm.weight.detach().to(ACT),
-                "qkv": Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
+                # softmax(q k / sqrt(d)): the scale is folded into the query rows
+                "qkv": Linear(torch.cat([a.q_proj.weight * self.head_dim ** -0.5,
+                                         a.k_proj.weight, a.v_proj.weight])),
                 "o": Linear(a.o_proj.weight),
                 "gate_up": Linear(torch.cat([p.gate_proj.weight, p.up_proj.weight])),
                 "down": Linear(p.down_proj.weight),
@@ -128,10 +130,10 @@ class FastLlama:
             if pos:
                 raise ValueError("a multi-token step must start the sequence")
             out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
-                                                 enable_gqa=True)[0]  # (H, T, hd)
+                                                 enable_gqa=True, scale=1.0)[0]  # (H, T, hd)
             return out.transpose(0, 1).reshape(t, -1)
         group = self.heads // self.kv_heads  # query heads sharing one key/value head
-        qg = q.reshape(self.kv_heads, group, self.head_dim).to(KV) * self.head_dim ** -0.5
+        qg = q.reshape(self.kv_heads, group, self.head_dim).to(KV)
         weights = torch.bmm(qg, keys[:, :, :pos + 1]).softmax(-1)  # (Hkv, group, pos+1)
         return torch.bmm(weights, values[:, :pos + 1]).reshape(1, -1).to(ACT)
 
@@ -143,10 +145,10 @@ class FastLlama:
         hd = self.head_dim
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             h = F.rms_norm(x, (x.shape[-1],), layer["norm1"], self.eps)
-            q, k, v = layer["qkv"](h).split(
-                [self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], -1)
-            q = self._rope(q.view(t, self.heads, hd).transpose(0, 1), pos)
-            k = self._rope(k.view(t, self.kv_heads, hd).transpose(0, 1), pos)
+            qk, v = layer["qkv"](h).split([(self.heads + self.kv_heads) * hd,
+                                           self.kv_heads * hd], -1)
+            qk = self._rope(qk.view(t, self.heads + self.kv_heads, hd).transpose(0, 1), pos)
+            q, k = qk[:self.heads], qk[self.heads:]  # (H, T, hd), (Hkv, T, hd)
             v = v.view(t, self.kv_heads, hd).transpose(0, 1)
             x = x + layer["o"](self._attend(q, k, v, layer_cache, pos))
             h = F.rms_norm(x, (x.shape[-1],), layer["norm2"], self.eps)

@@ -86,7 +86,8 @@ def answer_caption(answer: dict[str, Any]) -> None:
     waited = t.get("queue_ms", 0) >= 50  # another session's generation came first
     queued = f"waited {t['queue_ms'] / 1000:.1f} s for the model · " if waited else ""
     st.caption(
-        f"{escape_markdown(str(answer.get('model')))} on {answer.get('device')} · "
+        f"{escape_markdown(str(answer.get('model')))} on {answer.get('device')} "
+        f"({escape_markdown(str(answer.get('dtype')))}) · "
         f"retrieval {t['retrieve_ms']:.0f} ms · {queued}first token "
         f"{t['first_token_ms']:.0f} ms · {t['tokens_per_s']:.1f} tokens/s")
 
