@@ -13,10 +13,11 @@ from ui import render, sidebar, state
 services = state.services()
 sidebar.render(services)
 st.title("GPT lab")
-st.caption("Look inside the local decoder-only model that writes the answers.")
-
 with st.spinner("Loading the model…"):
     lm = services.lm
+fast = (" (its float32 network; the chat decodes with the same weights in int4 and bfloat16)"
+        if lm.engine == "fast" else "")
+st.caption(f"Look inside the local decoder-only model that writes the answers{fast}.")
 history = state.messages()
 last = next((m["content"] for m in reversed(history) if m["role"] == "user"), None)
 if "lab_text" not in st.session_state:
