@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from prompts import QA, STORY
 
 from rag_app.errors import ModelLoadError
 from rag_app.fast_decoder import FastLlama, supports
@@ -14,12 +15,6 @@ from rag_app.settings import GenerationSettings, LLMSettings
 
 pytestmark = pytest.mark.slow
 N = 24
-QA = [
-    {"role": "system", "content": "Answer in one sentence."},
-    {"role": "user", "content": "Context: The Eiffel Tower is 330 metres tall.\n"
-                                "Question: How tall is the Eiffel Tower?"},
-]
-STORY = [{"role": "user", "content": "Write a short story about a cat."}]
 
 
 @pytest.fixture(scope="module")

@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from prompts import QA as MESSAGES
+from prompts import STORY
 
 from rag_app.llm import Generation, LocalLM
 from rag_app.settings import GenerationSettings
 
 pytestmark = pytest.mark.slow
 N = 20
-MESSAGES = [
-    {"role": "system", "content": "Answer in one sentence."},
-    {"role": "user", "content": "Context: The Eiffel Tower is 330 metres tall.\n"
-                                "Question: How tall is the Eiffel Tower?"},
-]
-STORY = [{"role": "user", "content": "Write a short story about a cat."}]
 
 
 @pytest.fixture(scope="module")
