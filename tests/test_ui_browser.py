@@ -143,7 +143,9 @@ def test_gpt_lab_in_browser(page, server: str, shots: Path) -> None:
     # The default prompt's token ids, its next-token chart and the attention heatmap.
     page.get_by_text("tokens · ids:").wait_for()
     page.get_by_text("4 · Causal attention").wait_for()
-    assert page.locator("canvas, svg.marks").count() >= 2  # Vega charts rendered
+    # Vega draws the charts after the script has finished: wait for the second one
+    page.locator("canvas, svg.marks").nth(1).wait_for(timeout=60_000)
+    assert page.locator("canvas, svg.marks").count() >= 2
     page.screenshot(path=str(shots / "lab.png"), full_page=True)
 
 
