@@ -44,8 +44,7 @@ def rag_messages(lm: LocalLM, target_tokens: int = 1500) -> list[dict[str, str]]
     return messages
 
 
-def bench_lm(lm: LocalLM, messages: list, new_tokens: int, runs: int
-                       ) -> tuple[float, float]:
+def bench_lm(lm: LocalLM, messages: list, new_tokens: int, runs: int) -> tuple[float, float]:
     options = load_settings().generation.model_copy(update={"max_new_tokens": new_tokens})
     gens = [lm.generate(messages, options) for _ in range(runs)]
     return (statistics.median(g.first_token_s for g in gens) * 1000,
@@ -105,9 +104,7 @@ def main() -> None:
                 first_ms, rate = bench_lm(lm, messages, args.new_tokens, args.runs)
                 rows.append((name, threads, load_s, first_ms, rate))
                 print(rows[-1], file=sys.stderr, flush=True)
-            del lm
         torch.set_num_threads(threads_all)
-        lm = LocalLM(settings.llm.model_copy(update={"cache_dir": Path(cache)}))
         prompt_tokens = lm.count_chat_tokens(messages)
         prompt_text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                        tokenize=False)

@@ -44,10 +44,6 @@ def main() -> None:
 
     settings = load_settings()
     services = Services(settings)
-    # the same collections (named by embedder and chunking), fused by RRF instead
-    rrf = Services(settings.model_copy(update={"retrieval": settings.retrieval.model_copy(
-        update={"fusion": "rrf"})}))
-    rrf.__dict__["embedder"] = services.embedder
     sets = [("scifact", args.eval_dir / "scifact", args.scifact_limit),
             ("squad-dev-500", args.eval_dir / "squad-dev-500", args.limit)]
 
@@ -57,7 +53,8 @@ def main() -> None:
             out = run_eval(services, path, limit, mode, settings.retrieval.k, answer=False)
             retrieval.append({**out, "mode": f"hybrid ({settings.retrieval.fusion})"
                               if mode == "hybrid" else mode})
-        out = run_eval(rrf, path, limit, "hybrid", settings.retrieval.k, answer=False)
+        out = run_eval(services, path, limit, "hybrid", settings.retrieval.k, answer=False,
+                       fusion="rrf")
         retrieval.append({**out, "mode": "hybrid (rrf)"})
     answers = run_eval(services, sets[1][1], args.answer_limit, args.answer_mode,
                        settings.retrieval.k, answer=True)

@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from rag_app.factory import Services
 from rag_app.fusion import fusion_reranker
-from rag_app.settings import RetrievalSettings, Settings, load_settings
+from rag_app.settings import Settings, load_settings
 from rag_app.store import chunk_schema
 
 EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "eval"
@@ -128,8 +128,9 @@ def bench_size(settings: Settings, n: int, docs: np.ndarray, texts: list[str],
     rows.append((n, "numpy matmul top-k (exact)", "—", *percentiles(ms), 1.0))
 
     def search(mode: str):
+        fuse = fusion_reranker(settings.retrieval) if mode == "hybrid" else None
+
         def run(i: int) -> list[str]:
-            fuse = fusion_reranker(RetrievalSettings()) if mode == "hybrid" else None
             hits = store.search(collection, qtexts[i], queries[i], k, mode=mode, reranker=fuse)
             return [h.metadata["id"] for h in hits]
         return run

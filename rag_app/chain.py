@@ -81,15 +81,15 @@ class RagChain:
     """Retriever + prompt + chat model, with the prompt fitted to the model's context."""
 
     def __init__(self, retriever: LanceRetriever, chat_model: Callable[[], LocalChatModel],
-                 generation: GenerationSettings, model_name: str = "",
-                 citations: CitationSettings | None = None) -> None:
+                 generation: GenerationSettings, citations: CitationSettings,
+                 model_name: str = "") -> None:
         """`chat_model` is called on first need: a question that retrieves nothing, or an
         empty collection, never loads the LLM."""
         self.retriever = retriever
         self._chat_model = chat_model
         self.generation = generation
         self.model_name = model_name
-        self.citations = citations or CitationSettings()
+        self.citations = citations
         self.runnable: Runnable = (
             RunnablePassthrough.assign(query=RunnableLambda(_condense, name="condense"))
             .assign(docs=RunnableLambda(self._retrieve, name="retrieve"))

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import torch
 from transformers import (
     LogitsProcessorList,
+    PreTrainedTokenizerBase,
     RepetitionPenaltyLogitsProcessor,
     StoppingCriteriaList,
     TemperatureLogitsWarper,
@@ -63,7 +64,7 @@ def decode_steps(model: FastLlama, prompt: torch.Tensor, o: GenerationSettings,
 class TextPieces(TextStreamer):
     """transformers' streamer, collecting the finished text pieces instead of printing."""
 
-    def __init__(self, tokenizer) -> None:  # noqa: ANN001 - any transformers tokenizer
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
         self.ready: list[str] = []
 

@@ -121,10 +121,12 @@ def ensure_index(services: Services, ds: Dataset, collection: str,
 
 
 def run_eval(services: Services, dataset_dir: Path, limit: int | None, mode: str, k: int,
-             answer: bool, progress: Callable[[Any], None] | None = None) -> dict[str, Any]:
+             answer: bool, progress: Callable[[Any], None] | None = None,
+             fusion: str | None = None) -> dict[str, Any]:
     """Retrieval metrics (and, for QA sets with `answer`, answer metrics) as a JSON-able dict.
 
-    Only queries with a relevant qrel are evaluated, the first `limit` in file order.
+    Only queries with a relevant qrel are evaluated, the first `limit` in file order;
+    `fusion` overrides retrieval.fusion for hybrid.
     """
     if mode not in MODES:
         raise SettingsError(f"invalid setting retrieval.mode (RAG_RETRIEVAL__MODE): {mode!r} "
@@ -141,7 +143,8 @@ def run_eval(services: Services, dataset_dir: Path, limit: int | None, mode: str
     runs, retrieve_ms = [], []
     for q in queries:
         started = time.perf_counter()
-        docs = retriever.invoke(q["text"], k=RETRIEVE_CHUNKS, mode=mode, min_similarity=-1.0)
+        docs = retriever.invoke(q["text"], k=RETRIEVE_CHUNKS, mode=mode, min_similarity=-1.0,
+                                fusion=fusion)
         retrieve_ms.append((time.perf_counter() - started) * 1000)
         ranking = metrics.collapse_to_passages(
             str(d.metadata["source"]).removesuffix(SUFFIX) for d in docs)

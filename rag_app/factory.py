@@ -95,5 +95,5 @@ class Services:
         from rag_app.chain import RagChain
 
         return RagChain(self.retriever(collection), lambda: self.chat_model,
-                        self.settings.generation, self.settings.llm.model,
-                        self.settings.citations)
+                        self.settings.generation, self.settings.citations,
+                        self.settings.llm.model)

@@ -79,13 +79,10 @@ class FastLlama:
         self.eps = c.rms_norm_eps
         self.context_length = int(c.max_position_embeddings)
         self.embed = m.embed_tokens.weight.detach().to(ACT)  # (V, C)
-        head = model.get_output_embeddings().weight.detach().float()  # (V, C), maybe tied
-        self.head_exact = head
-        self.head_dense = head.to(ACT)
-        self.head_scale = head.abs().amax(1).clamp_min(1e-12) / 127  # per output row
-        self.head_int8 = torch.round(head / self.head_scale[:, None]).clamp(-127, 127).to(
-            torch.int8)
-        self.head_scale = self.head_scale.to(ACT)
+        self.head = model.get_output_embeddings().weight.detach().float()  # (V, C), maybe tied
+        scale = self.head.abs().amax(1).clamp_min(1e-12) / 127  # per output row
+        self.head_int8 = torch.round(self.head / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.head_scale = scale.to(ACT)
         self.layers = []
         for layer in m.layers:
             a, p = layer.self_attn, layer.mlp
@@ -154,16 +151,13 @@ class FastLlama:
             h = F.rms_norm(x, (x.shape[-1],), layer["norm2"], self.eps)
             gate, up = layer["gate_up"](h).chunk(2, -1)
             x = x + layer["down"](F.silu(gate) * up)
-        last = F.rms_norm(x[-1:], (x.shape[-1],), self.norm, self.eps)  # (1, C)
-        if t == 1:
-            approx = torch.ops.aten._weight_int8pack_mm(last, self.head_int8, self.head_scale)
-        else:
-            approx = F.linear(last, self.head_dense)
-        return self._rescore(last, approx.float())
-
-    def _rescore(self, last: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """bfloat16 logits are coarse (about 0.1 apart near 20), which makes near-ties exact
-        ties and shifts probabilities: the likeliest tokens get float32 logits."""
+        last = F.rms_norm(x[-1:], (x.shape[-1],), self.norm, self.eps).float()  # (1, C)
+        if t > 1:  # once per prompt: the exact float32 projection
+            return F.linear(last, self.head)
+        # bfloat16 int8 logits are coarse (about 0.1 apart near 20), which turns near-ties
+        # into ties and shifts probabilities: the likeliest tokens get float32 logits.
+        logits = torch.ops.aten._weight_int8pack_mm(last.to(ACT), self.head_int8,
+                                                    self.head_scale).float()  # (1, V)
         top = logits.topk(RESCORE, -1).indices[0]  # (R,)
-        logits[0, top] = last[0].float() @ self.head_exact[top].t()
-        return logits  # (1, V)
+        logits[0, top] = last[0] @ self.head[top].t()
+        return logits

@@ -190,21 +190,24 @@ class LocalLM:
             stops.append(StopStringCriteria(self.tokenizer, list(stop)))
         eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         eos_ids = set(eos) if isinstance(eos, list) else {eos}
-        text = TextPieces(self.tokenizer)
-        ids, logits, pieces = [], [], []
+        ids: list[int] = []
+        logits: list[torch.Tensor] = []
+
+        def decoded() -> Iterator[str]:
+            text = TextPieces(self.tokenizer)
+            for token, step_logits in decode_steps(self.fast, prompt, options, stops, eos_ids):
+                ids.append(token)
+                logits.append(step_logits)
+                text.put(torch.tensor([token]))
+                yield from text.take()
+            text.end()
+            yield from text.take()
+
+        pieces = []
         first: float | None = None
-        for token, step_logits in decode_steps(self.fast, prompt, options, stops, eos_ids):
-            ids.append(token)
-            logits.append(step_logits)
-            text.put(torch.tensor([token]))
-            for piece in text.take():
-                if piece and first is None:
-                    first = time.perf_counter() - started
-                pieces.append(piece)
-                yield piece
-        text.end()
-        for piece in text.take():
-            first = first if first is not None or not piece else time.perf_counter() - started
+        for piece in decoded():
+            if piece and first is None:
+                first = time.perf_counter() - started
             pieces.append(piece)
             yield piece
         total = time.perf_counter() - started
@@ -370,16 +373,17 @@ def quantization_config(mode: str, device: str, dtype: torch.dtype) -> Any:
 def _fast_decoder(model: PreTrainedModel, settings: LLMSettings, device: str
                   ) -> fast_decoder.FastLlama | None:
     """The fast CPU decoder when llm.engine asks for it (or `auto` allows it), else None."""
-    usable = device == "cpu" and settings.quantization == "none"
-    if settings.engine == "fast" and not (usable and fast_decoder.supports(model)):
+    fits = (device == "cpu" and settings.quantization == "none"
+            and fast_decoder.supports(model))
+    if settings.engine == "fast" and not fits:
         raise ModelLoadError(
             f"llm.engine=fast (RAG_LLM__ENGINE) runs Llama-architecture models on the CPU "
             f"only; llm.model={settings.model!r} is {model.config.model_type} on {device}: "
             "set llm.engine=auto or transformers")
-    if settings.engine == "transformers" or (settings.engine == "auto" and (
-            settings.dtype != "auto" or not usable or not fast_decoder.supports(model))):
-        return None
-    return fast_decoder.FastLlama(model)
+    if settings.engine == "fast" or (settings.engine == "auto" and fits
+                                     and settings.dtype == "auto"):
+        return fast_decoder.FastLlama(model)
+    return None
 
 
 def _require_decoder(config: PretrainedConfig) -> None:
