@@ -10,7 +10,10 @@ in a few plain tensor operations a layer, in the style of nanoGPT:
 - one new token at a time (decode): weight-only int4 matrix products with groups of 32
   (torch's `_weight_int4pack_mm_for_cpu`), which reproduce a Q4_1 GGUF's weights exactly
   (Q4_1 *is* 4-bit groups of 32 with a scale and a minimum), an int8 output projection,
-  and attention over a float32 key/value cache laid out for matrix products.
+  and attention over the key/value cache: a float16 cache read by a native AVX-512 kernel
+  (`rag_app/kernels.py`; half the bytes of float32, which is what a step's attention
+  waits on), or a float32 cache and PyTorch's matrix products where the kernel is
+  unavailable.
 
 The weights come from the loaded transformers model, so any Llama-architecture model works;
 others are served by transformers (`supports`).
@@ -18,13 +21,18 @@ others are served by transformers (`supports`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
+
+from rag_app.kernels import MAX_GROUP, KernelUnavailable
 
 GROUP = 32  # int4 quantisation group along the input dimension (Q4_1's block size)
 ACT = torch.bfloat16  # activations and dense weights
-KV = torch.float32  # key/value cache and decode-time attention
+KV = torch.float32  # key/value cache and decode-time attention, with PyTorch's operations
+KV_NATIVE = torch.float16  # key/value cache read by the native kernel
 RESCORE = 64  # the likeliest tokens whose logits are recomputed exactly in float32
 
 
@@ -36,6 +44,17 @@ def supports(model: PreTrainedModel) -> bool:
     return (c.model_type == "llama" and plain_rope and c.hidden_act == "silu"
             and not getattr(c, "attention_bias", False) and not getattr(c, "mlp_bias", False)
             and c.hidden_size % GROUP == 0 and c.intermediate_size % GROUP == 0)
+
+
+def require_kernel_shape(config: PretrainedConfig) -> None:
+    """The native kernel's limits: head size a multiple of 16, at most MAX_GROUP query heads
+    per key/value head."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    group = config.num_attention_heads // config.num_key_value_heads
+    if head_dim % 16 or group > MAX_GROUP:
+        raise KernelUnavailable(f"the native attention kernel takes head sizes that are "
+                                f"multiples of 16 and up to {MAX_GROUP} query heads per key/"
+                                f"value head (this model: {head_dim}, {group})")
 
 
 def _int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,9 +89,13 @@ class Linear:
 
 
 class FastLlama:
-    """The network of a transformers Llama model, for prefill and one-token steps on CPU."""
+    """The network of a transformers Llama model, for prefill and one-token steps on CPU.
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    `attention`: the native decode-attention kernel (`kernels.decode_attention`), or None
+    for PyTorch's operations over a float32 cache."""
+
+    def __init__(self, model: PreTrainedModel, attention: Callable | None = None) -> None:
+        self.attention = attention
         c, m = model.config, model.model
         self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -105,10 +128,11 @@ class FastLlama:
         self.cos, self.sin = angles.cos().to(ACT), angles.sin().to(ACT)
 
     def new_cache(self, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer: keys (kv_heads, hd, L), transposed for q @ k, and values (kv_heads, L,
-        hd)."""
-        return [(torch.empty(self.kv_heads, self.head_dim, length, dtype=KV),
-                 torch.empty(self.kv_heads, length, self.head_dim, dtype=KV))
+        """Per layer: keys (kv_heads, hd, L), transposed so that one query's scores over all
+        positions are one product, and values (kv_heads, L, hd)."""
+        dtype = KV if self.attention is None else KV_NATIVE
+        return [(torch.empty(self.kv_heads, self.head_dim, length, dtype=dtype),
+                 torch.empty(self.kv_heads, length, self.head_dim, dtype=dtype))
                 for _ in self.layers]
 
     def _rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:  # (H, T, hd)
@@ -121,6 +145,9 @@ class FastLlama:
         """q (H, T, hd), k/v (Hkv, T, hd) of the new tokens -> (T, H * hd)."""
         keys, values = cache
         t = q.shape[1]
+        if t == 1 and self.attention is not None:  # writes k, v at pos, then attends
+            return self.attention(q[:, 0].float(), k[:, 0], v[:, 0], keys, values,
+                                  pos).view(1, -1).to(ACT)
         keys[:, :, pos:pos + t] = k.transpose(1, 2)
         values[:, pos:pos + t] = v
         if t > 1:  # the prompt: the new tokens attend causally among themselves

@@ -7,7 +7,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Event, Thread
@@ -29,7 +29,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from rag_app import fast_decoder
+from rag_app import fast_decoder, kernels
 from rag_app.decoding import TextPieces, decode_steps
 from rag_app.device import resolve_device, resolve_dtype
 from rag_app.errors import ModelLoadError
@@ -382,8 +382,23 @@ def _fast_decoder(model: PreTrainedModel, settings: LLMSettings, device: str
             "set llm.engine=auto or transformers")
     if settings.engine == "fast" or (settings.engine == "auto" and fits
                                      and settings.dtype == "auto"):
-        return fast_decoder.FastLlama(model)
+        return fast_decoder.FastLlama(model, _attention_kernel(model, settings))
     return None
+
+
+def _attention_kernel(model: PreTrainedModel, settings: LLMSettings) -> Callable | None:
+    """The native decode-attention kernel, or None for PyTorch's (llm.attention_kernel)."""
+    if settings.attention_kernel == "torch":
+        return None
+    try:
+        fast_decoder.require_kernel_shape(model.config)
+        return kernels.decode_attention(settings.cache_dir)
+    except kernels.KernelUnavailable as e:
+        if settings.attention_kernel == "native":
+            raise ModelLoadError(f"llm.attention_kernel=native (RAG_LLM__ATTENTION_KERNEL): "
+                                 f"{e}; set it to auto or torch") from e
+        log.warning("%s; the fast decoder uses PyTorch's attention", e)
+        return None
 
 
 def _require_decoder(config: PretrainedConfig) -> None:

@@ -1,0 +1,93 @@
+"""Native kernels of the fast CPU decoder, compiled on first use for this machine.
+
+`rag_app/csrc/decode_attention.cpp` is single-query attention over a float16 key/value
+cache (AVX-512). It is built with PyTorch's own extension builder (`torch.utils.cpp_extension`,
+ninja and the system's C++ compiler, `-march=native`) into `llm.cache_dir`, once per
+source, torch version and CPU; later starts only load the built library (well under a
+second). The first build takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "decode_attention.cpp"
+MAX_GROUP = 8  # query heads per key/value head the kernel is built for
+
+
+class KernelUnavailable(RuntimeError):
+    """The native kernel cannot be built or run here; the message says why."""
+
+
+def _loaded() -> Callable | None:
+    try:
+        return torch.ops.rag_app.decode_attention
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _ninja_on_path() -> None:
+    """torch's builder runs `ninja`; the `ninja` package puts it beside the interpreter, which
+    is not on PATH when the venv is not activated."""
+    try:
+        import ninja
+
+        bin_dir = ninja.BIN_DIR
+    except (ImportError, AttributeError):
+        bin_dir = os.path.dirname(sys.executable)
+    if shutil.which("ninja") is None:
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+
+def decode_attention(cache_dir: Path) -> Callable:
+    """`torch.ops.rag_app.decode_attention`, built into `cache_dir` if needed.
+
+    Raises KernelUnavailable when this CPU lacks AVX-512 or nothing can compile it."""
+    op = _loaded()
+    if op is not None:
+        return op
+    if platform.machine() not in ("x86_64", "AMD64") or \
+            torch.backends.cpu.get_cpu_capability() != "AVX512":
+        raise KernelUnavailable(
+            f"the native attention kernel needs an x86-64 CPU with AVX-512 (this one: "
+            f"{platform.machine()}, {torch.backends.cpu.get_cpu_capability()})")
+    _ninja_on_path()
+    from torch.utils import cpp_extension
+
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + torch.__version__.encode() + _cpu_model().encode())
+    build = Path(cache_dir) / "kernels" / key.hexdigest()[:16]
+    build.mkdir(parents=True, exist_ok=True)
+    try:
+        cpp_extension.load(name="rag_app_kernels", sources=[str(SOURCE)],
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], build_directory=str(build),
+                           is_python_module=False, verbose=False)
+    except (OSError, RuntimeError, ImportError) as e:  # no compiler, no ninja, build error
+        raise KernelUnavailable(f"the native attention kernel did not build in {build}: "
+                                f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}"
+                                ) from e
+    op = _loaded()
+    if op is None:
+        raise KernelUnavailable(f"the library built in {build} did not register its kernel")
+    return op
+
+
+def _cpu_model() -> str:
+    """Built with -march=native: a cache folder shared between machines must not mix CPUs."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+    except OSError:
+        return platform.processor()
+    return "\n".join(line for line in lines if line.startswith(("model name", "flags")))

@@ -1,0 +1,125 @@
+"""The native decode-attention kernel (rag_app/csrc), built for real with this machine's
+compiler: against attention computed in float64 over the same float16 cache, and inside
+the fast decoder against PyTorch's attention over a float32 cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from prompts import QA, STORY
+
+from rag_app import kernels
+from rag_app.errors import ModelLoadError
+from rag_app.fast_decoder import FastLlama
+from rag_app.llm import LocalLM
+from rag_app.settings import GenerationSettings, LLMSettings
+
+OPTIONS = GenerationSettings(max_new_tokens=32, stop_on_repeat=0)
+
+if torch.backends.cpu.get_cpu_capability() != "AVX512":
+    pytest.skip("the native kernel needs AVX-512, which this CPU lacks", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def attend(cache_dir):
+    return kernels.decode_attention(cache_dir)
+
+
+def reference(q, keys, values, pos):
+    """softmax(q k) v in float64 over positions 0..pos of the cache, per query head."""
+    kv_heads = values.shape[0]
+    group = q.shape[0] // kv_heads
+    k = keys[:, :, :pos + 1].double()  # (Hkv, D, T)
+    v = values[:, :pos + 1].double()  # (Hkv, T, D)
+    qg = q.double().view(kv_heads, group, -1)
+    return (torch.softmax(qg @ k, -1) @ v).reshape(q.shape[0], -1)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 64), (8, 2, 128),
+                                                        (16, 2, 32)])
+def test_attention_equals_float64_over_the_same_cache(attend, heads, kv_heads, dim) -> None:
+    gen = torch.Generator().manual_seed(heads * dim)
+    length = 1003  # not a multiple of 16: the last positions' loads are masked
+    keys = torch.randn(kv_heads, dim, length, generator=gen).half()
+    values = torch.randn(kv_heads, length, dim, generator=gen).half()
+    for pos in (0, 1, 15, 16, 17, 255, 256, 257, 640, length - 1):
+        q = torch.randn(heads, dim, generator=gen) * dim ** -0.5 * 3
+        k_new, v_new = torch.randn(2, kv_heads, dim, generator=gen)
+        before = keys.clone(), values.clone()
+        out = attend(q, k_new, v_new, keys, values, pos)
+        assert out.shape == (heads, dim) and out.dtype == torch.float32
+        # the new key and value are written at pos, in float16, and nothing else changes
+        assert torch.equal(keys[:, :, pos], k_new.half())
+        assert torch.equal(values[:, pos], v_new.half())
+        keys[:, :, pos], values[:, pos] = before[0][:, :, pos], before[1][:, pos]
+        assert torch.equal(keys, before[0]) and torch.equal(values, before[1])
+        keys[:, :, pos], values[:, pos] = k_new.half(), v_new.half()
+        torch.testing.assert_close(out.double(), reference(q, keys, values, pos),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_positions_after_the_step_are_never_read(attend) -> None:
+    """A cache is allocated uninitialised: whatever lies beyond pos must not leak in."""
+    keys = torch.randn(3, 64, 300).half()
+    values = torch.randn(3, 300, 64).half()
+    q, k_new, v_new = torch.randn(9, 64), torch.randn(3, 64), torch.randn(3, 64)
+    clean = attend(q, k_new, v_new, keys.clone(), values.clone(), 200)
+    keys[:, :, 201:], values[:, 201:] = float("nan"), float("inf")
+    assert torch.equal(attend(q, k_new, v_new, keys, values, 200), clean)
+
+
+def test_bad_shapes_are_refused_with_a_message(attend) -> None:
+    keys, values = torch.zeros(3, 64, 10).half(), torch.zeros(3, 10, 64).half()
+    q, kv = torch.zeros(9, 64), torch.zeros(3, 64)
+    with pytest.raises(RuntimeError, match="position outside the cache"):
+        attend(q, kv, kv, keys, values, 10)
+    with pytest.raises(RuntimeError, match="float16"):
+        attend(q, kv, kv, keys.float(), values, 0)
+    with pytest.raises(RuntimeError, match=r"keys \(Hkv, D, L\)"):
+        attend(q, kv, kv, values, values, 0)
+
+
+@pytest.mark.slow
+def test_fast_decoder_with_the_kernel_follows_pytorch_attention(services) -> None:
+    """float16 against float32 keys and values: the same likeliest token at nearly every
+    step of a teacher-forced continuation (near-ties may flip), probabilities within a few
+    points."""
+    lm: LocalLM = services.lm
+    assert lm.fast.attention is not None  # llm.attention_kernel=auto picked the kernel here
+    plain = FastLlama(lm.model, attention=None)
+    for messages in (QA, STORY):
+        prompt = lm.encode_chat(messages)["input_ids"][0]
+        ids = lm.generate(messages, OPTIONS).token_ids
+        native, torch_ = (torch.softmax(replay(f, prompt, ids), -1) for f in (lm.fast, plain))
+        agree = (native.argmax(-1) == torch_.argmax(-1)).float().mean()
+        assert agree >= 0.95, agree
+        assert (native - torch_).abs().max() < 0.05
+
+
+def replay(fast: FastLlama, prompt: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    cache = fast.new_cache(len(prompt) + len(ids))
+    steps = [fast.forward(prompt, cache, 0)[0]]
+    for pos, token in enumerate(ids[:-1], len(prompt)):
+        steps.append(fast.forward(torch.tensor([token]), cache, pos)[0])
+    return torch.stack(steps)
+
+
+@pytest.mark.slow
+def test_models_the_kernel_cannot_take_use_pytorch_or_are_refused(services, tmp_path) -> None:
+    """A head size of 24 is not a multiple of 16: auto falls back, native names the setting."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = services.lm.tokenizer
+    tiny = LlamaConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                       max_position_embeddings=256)
+    LlamaForCausalLM(tiny).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    auto = LocalLM(LLMSettings(model=str(tmp_path), cache_dir=tmp_path))
+    assert auto.engine == "fast" and auto.fast.attention is None
+    assert auto.generate(QA, OPTIONS).token_ids
+    with pytest.raises(ModelLoadError, match="llm.attention_kernel=native"):
+        LocalLM(LLMSettings(model=str(tmp_path), cache_dir=tmp_path, attention_kernel="native"))
+    torch_only = LocalLM(LLMSettings(model=str(tmp_path), cache_dir=tmp_path,
+                                     attention_kernel="torch"))
+    assert torch_only.fast.attention is None
