@@ -10,10 +10,11 @@ in a few plain tensor operations a layer, in the style of nanoGPT:
 - one new token at a time (decode): weight-only int4 matrix products with groups of 32
   (torch's `_weight_int4pack_mm_for_cpu`), which reproduce a Q4_1 GGUF's weights exactly
   (Q4_1 *is* 4-bit groups of 32 with a scale and a minimum), an int8 output projection,
-  and attention over the key/value cache: a float16 cache read by a native AVX-512 kernel
-  (`rag_app/kernels.py`; half the bytes of float32, which is what a step's attention
-  waits on), or a float32 cache and PyTorch's matrix products where the kernel is
-  unavailable.
+  and attention over the key/value cache. With the native kernels (`rag_app/kernels.py`,
+  `llm.kernels`) a whole step through the layers is one C++ call, the residual stream in
+  float32, attending over a float16 cache (half the bytes of float32, which is what a
+  step's attention waits on); without them, the same step in PyTorch operations over a
+  float32 cache.
 
 The weights come from the loaded transformers model, so any Llama-architecture model works;
 others are served by transformers (`supports`).
@@ -21,7 +22,7 @@ others are served by transformers (`supports`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,12 +48,12 @@ def supports(model: PreTrainedModel) -> bool:
 
 
 def require_kernel_shape(config: PretrainedConfig) -> None:
-    """The native kernel's limits: head size a multiple of 16, at most MAX_GROUP query heads
+    """The native kernels' limits: head size a multiple of 16, at most MAX_GROUP query heads
     per key/value head."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     group = config.num_attention_heads // config.num_key_value_heads
     if head_dim % 16 or group > MAX_GROUP:
-        raise KernelUnavailable(f"the native attention kernel takes head sizes that are "
+        raise KernelUnavailable(f"the native decoder kernels take head sizes that are "
                                 f"multiples of 16 and up to {MAX_GROUP} query heads per key/"
                                 f"value head (this model: {head_dim}, {group})")
 
@@ -91,11 +92,11 @@ class Linear:
 class FastLlama:
     """The network of a transformers Llama model, for prefill and one-token steps on CPU.
 
-    `attention`: the native decode-attention kernel (`kernels.decode_attention`), or None
-    for PyTorch's operations over a float32 cache."""
+    `native`: the native kernels (`kernels.native_ops`), or None for PyTorch's operations
+    over a float32 cache."""
 
-    def __init__(self, model: PreTrainedModel, attention: Callable | None = None) -> None:
-        self.attention = attention
+    def __init__(self, model: PreTrainedModel, native: Any = None) -> None:
+        self.native = native
         c, m = model.config, model.model
         self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -126,11 +127,18 @@ class FastLlama:
         angles = torch.outer(torch.arange(self.context_length).float(), inv)  # (L, hd/2)
         angles = torch.cat([angles, angles], -1)  # (L, hd), transformers' half rotation
         self.cos, self.sin = angles.cos().to(ACT), angles.sin().to(ACT)
+        if native is not None:  # decode_layers' arguments: 10 tensors a layer, float32 rows
+            self.flat = [t for layer in self.layers for t in (
+                layer["norm1"].float(), layer["norm2"].float(),
+                *(w for name in ("qkv", "o", "gate_up", "down")
+                  for w in (layer[name].packed, layer[name].scales)))]
+            self.cos32, self.sin32 = angles.cos(), angles.sin()
+            self.norm32 = m.norm.weight.detach().float()
 
     def new_cache(self, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer: keys (kv_heads, hd, L), transposed so that one query's scores over all
         positions are one product, and values (kv_heads, L, hd)."""
-        dtype = KV if self.attention is None else KV_NATIVE
+        dtype = KV if self.native is None else KV_NATIVE
         return [(torch.empty(self.kv_heads, self.head_dim, length, dtype=dtype),
                  torch.empty(self.kv_heads, length, self.head_dim, dtype=dtype))
                 for _ in self.layers]
@@ -145,9 +153,6 @@ class FastLlama:
         """q (H, T, hd), k/v (Hkv, T, hd) of the new tokens -> (T, H * hd)."""
         keys, values = cache
         t = q.shape[1]
-        if t == 1 and self.attention is not None:  # writes k, v at pos, then attends
-            return self.attention(q[:, 0].float(), k[:, 0], v[:, 0], keys, values,
-                                  pos).view(1, -1).to(ACT)
         keys[:, :, pos:pos + t] = k.transpose(1, 2)
         values[:, pos:pos + t] = v
         if t > 1:  # the prompt: the new tokens attend causally among themselves
@@ -166,6 +171,11 @@ class FastLlama:
         """Tokens `ids` (T,) at positions pos..pos+T-1 -> float32 logits of the last (1, V)."""
         t = ids.shape[0]
         x = self.embed[ids]  # (T, C)
+        if t == 1 and self.native is not None:
+            x = self.native.decode_layers(x.float(), self.flat, [c for kv in cache for c in kv],
+                                          self.cos32[pos], self.sin32[pos], pos, self.heads,
+                                          self.eps)
+            return self._logits(F.rms_norm(x, (x.shape[-1],), self.norm32, self.eps))
         hd = self.head_dim
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             h = F.rms_norm(x, (x.shape[-1],), layer["norm1"], self.eps)
@@ -181,6 +191,10 @@ class FastLlama:
         last = F.rms_norm(x[-1:], (x.shape[-1],), self.norm, self.eps).float()  # (1, C)
         if t > 1:  # once per prompt: the exact float32 projection
             return F.linear(last, self.head)
+        return self._logits(last)
+
+    def _logits(self, last: torch.Tensor) -> torch.Tensor:
+        """(1, C) float32 final hidden state of a decoding step -> (1, V) float32 logits."""
         # bfloat16 int8 logits are coarse (about 0.1 apart near 20), which turns near-ties
         # into ties and shifts probabilities: the likeliest tokens get float32 logits.
         logits = torch.ops.aten._weight_int8pack_mm(last.to(ACT), self.head_int8,

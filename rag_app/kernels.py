@@ -1,10 +1,11 @@
 """Native kernels of the fast CPU decoder, compiled on first use for this machine.
 
-`rag_app/csrc/decode_attention.cpp` is single-query attention over a float16 key/value
-cache (AVX-512). It is built with PyTorch's own extension builder (`torch.utils.cpp_extension`,
-ninja and the system's C++ compiler, `-march=native`) into `llm.cache_dir`, once per
-source, torch version and CPU; later starts only load the built library (well under a
-second). The first build takes a few seconds.
+`rag_app/csrc/fast_decoder.cpp` runs one decoding step through every layer of a Llama
+network, with single-query attention over a float16 key/value cache (AVX-512). It is
+built with PyTorch's own extension builder (`torch.utils.cpp_extension`, ninja and the
+system's C++ compiler, `-march=native`) into `llm.cache_dir`, once per source, torch
+version and CPU; later starts only load the built library (well under a second). The
+first build takes a few seconds.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ import os
 import platform
 import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "decode_attention.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "fast_decoder.cpp"
 MAX_GROUP = 8  # query heads per key/value head the kernel is built for
 
 
@@ -30,11 +31,13 @@ class KernelUnavailable(RuntimeError):
     """The native kernel cannot be built or run here; the message says why."""
 
 
-def _loaded() -> Callable | None:
+def _loaded() -> Any | None:
+    """`torch.ops.rag_app` once this process has loaded the library."""
     try:
-        return torch.ops.rag_app.decode_attention
+        torch.ops.rag_app.decode_layers  # noqa: B018 -- raises until registered
     except (AttributeError, RuntimeError):
         return None
+    return torch.ops.rag_app
 
 
 def _ninja_on_path() -> None:
@@ -50,8 +53,9 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
-def decode_attention(cache_dir: Path) -> Callable:
-    """`torch.ops.rag_app.decode_attention`, built into `cache_dir` if needed.
+def native_ops(cache_dir: Path) -> Any:
+    """`torch.ops.rag_app` (`decode_layers`, `decode_attention`), built into `cache_dir` if
+    needed.
 
     Raises KernelUnavailable when this CPU lacks AVX-512 or nothing can compile it."""
     op = _loaded()
@@ -60,7 +64,7 @@ def decode_attention(cache_dir: Path) -> Callable:
     if platform.machine() not in ("x86_64", "AMD64") or \
             torch.backends.cpu.get_cpu_capability() != "AVX512":
         raise KernelUnavailable(
-            f"the native attention kernel needs an x86-64 CPU with AVX-512 (this one: "
+            f"the native decoder kernels need an x86-64 CPU with AVX-512 (this one: "
             f"{platform.machine()}, {torch.backends.cpu.get_cpu_capability()})")
     _ninja_on_path()
     from torch.utils import cpp_extension
@@ -70,17 +74,17 @@ def decode_attention(cache_dir: Path) -> Callable:
     build = Path(cache_dir) / "kernels" / key.hexdigest()[:16]
     build.mkdir(parents=True, exist_ok=True)
     try:
-        cpp_extension.load(name="rag_app_kernels", sources=[str(SOURCE)],
+        cpp_extension.load(name="rag_app_fast_decoder", sources=[str(SOURCE)],
                            extra_cflags=["-O3", "-march=native", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], build_directory=str(build),
                            is_python_module=False, verbose=False)
     except (OSError, RuntimeError, ImportError) as e:  # no compiler, no ninja, build error
-        raise KernelUnavailable(f"the native attention kernel did not build in {build}: "
+        raise KernelUnavailable(f"the native decoder kernels did not build in {build}: "
                                 f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}"
                                 ) from e
     op = _loaded()
     if op is None:
-        raise KernelUnavailable(f"the library built in {build} did not register its kernel")
+        raise KernelUnavailable(f"the library built in {build} did not register its kernels")
     return op
 
 

@@ -7,7 +7,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Event, Thread
@@ -382,22 +382,22 @@ def _fast_decoder(model: PreTrainedModel, settings: LLMSettings, device: str
             "set llm.engine=auto or transformers")
     if settings.engine == "fast" or (settings.engine == "auto" and fits
                                      and settings.dtype == "auto"):
-        return fast_decoder.FastLlama(model, _attention_kernel(model, settings))
+        return fast_decoder.FastLlama(model, _native_kernels(model, settings))
     return None
 
 
-def _attention_kernel(model: PreTrainedModel, settings: LLMSettings) -> Callable | None:
-    """The native decode-attention kernel, or None for PyTorch's (llm.attention_kernel)."""
-    if settings.attention_kernel == "torch":
+def _native_kernels(model: PreTrainedModel, settings: LLMSettings) -> Any:
+    """The fast decoder's native kernels, or None for PyTorch operations (llm.kernels)."""
+    if settings.kernels == "torch":
         return None
     try:
         fast_decoder.require_kernel_shape(model.config)
-        return kernels.decode_attention(settings.cache_dir)
+        return kernels.native_ops(settings.cache_dir)
     except kernels.KernelUnavailable as e:
-        if settings.attention_kernel == "native":
-            raise ModelLoadError(f"llm.attention_kernel=native (RAG_LLM__ATTENTION_KERNEL): "
-                                 f"{e}; set it to auto or torch") from e
-        log.warning("%s; the fast decoder uses PyTorch's attention", e)
+        if settings.kernels == "native":
+            raise ModelLoadError(f"llm.kernels=native (RAG_LLM__KERNELS): {e}; set it to auto "
+                                 "or torch") from e
+        log.warning("%s; the fast decoder uses PyTorch operations", e)
         return None
 
 

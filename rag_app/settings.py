@@ -113,18 +113,18 @@ class LLMSettings(BaseModel):
         "for Llama-architecture models (int4 weights, bfloat16; rag_app/fast_decoder.py). "
         "auto = fast on CPU when the model supports it and llm.dtype is auto; beam search "
         "always uses transformers.")
-    attention_kernel: Literal["auto", "native", "torch"] = Field(
-        "auto", description="The fast decoder's attention over its key/value cache: native "
-        "(a float16 cache and an AVX-512 kernel compiled once into llm.cache_dir; "
-        "rag_app/csrc), torch (a float32 cache and PyTorch's operations), or auto = native "
-        "where it builds, else torch.")
+    kernels: Literal["auto", "native", "torch"] = Field(
+        "auto", description="How the fast decoder runs a decoding step: native (one C++ call "
+        "through all layers, attention over a float16 key/value cache, AVX-512; compiled "
+        "once into llm.cache_dir from rag_app/csrc), torch (PyTorch operations, a float32 "
+        "cache), or auto = native where it builds, else torch.")
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own code.")
     quantization: Literal["none", "8bit", "4bit"] = Field(
         "none", description="Load the weights in 8 or 4 bits with bitsandbytes (CUDA only; "
         "pip install bitsandbytes).")
     cache_dir: Path = Field(
         Path.home() / ".cache" / "rag_app",
-        description="Where converted GGUF models and the compiled attention kernel are "
+        description="Where converted GGUF models and the compiled decoder kernels are "
         "saved so later starts are fast.",
     )
 

@@ -1,6 +1,6 @@
-"""The native decode-attention kernel (rag_app/csrc), built for real with this machine's
-compiler: against attention computed in float64 over the same float16 cache, and inside
-the fast decoder against PyTorch's attention over a float32 cache."""
+"""The fast decoder's native kernels (rag_app/csrc), built for real with this machine's
+compiler: their attention against attention computed in float64 over the same float16
+cache, and their decoding step against the same network in PyTorch operations."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from rag_app.settings import GenerationSettings, LLMSettings
 OPTIONS = GenerationSettings(max_new_tokens=32, stop_on_repeat=0)
 
 if torch.backends.cpu.get_cpu_capability() != "AVX512":
-    pytest.skip("the native kernel needs AVX-512, which this CPU lacks", allow_module_level=True)
+    pytest.skip("the native kernels need AVX-512, which this CPU lacks", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
 def attend(cache_dir):
-    return kernels.decode_attention(cache_dir)
+    return kernels.native_ops(cache_dir).decode_attention
 
 
 def reference(q, keys, values, pos):
@@ -80,20 +80,22 @@ def test_bad_shapes_are_refused_with_a_message(attend) -> None:
 
 
 @pytest.mark.slow
-def test_fast_decoder_with_the_kernel_follows_pytorch_attention(services) -> None:
-    """float16 against float32 keys and values: the same likeliest token at nearly every
+def test_native_decoding_steps_follow_the_pytorch_ones(services) -> None:
+    """Two roundings of the same float32 network (a float32 residual stream and float16 keys
+    and values, against bfloat16 and float32): the same likeliest token at nearly every
     step of a teacher-forced continuation (near-ties may flip), probabilities within a few
-    points."""
+    points, as each is to float32 (tests/test_fast_decoder.py). Measured on 10 prompts of
+    40 steps: native 99.0 % top-1 agreement with float32, PyTorch steps 98.0 %."""
     lm: LocalLM = services.lm
-    assert lm.fast.attention is not None  # llm.attention_kernel=auto picked the kernel here
-    plain = FastLlama(lm.model, attention=None)
+    assert lm.fast.native is not None  # llm.kernels=auto picked the native kernels here
+    plain = FastLlama(lm.model, native=None)
     for messages in (QA, STORY):
         prompt = lm.encode_chat(messages)["input_ids"][0]
         ids = lm.generate(messages, OPTIONS).token_ids
         native, torch_ = (torch.softmax(replay(f, prompt, ids), -1) for f in (lm.fast, plain))
         agree = (native.argmax(-1) == torch_.argmax(-1)).float().mean()
-        assert agree >= 0.95, agree
-        assert (native - torch_).abs().max() < 0.05
+        assert agree >= 0.9, agree
+        assert (native - torch_).abs().max() < 0.08
 
 
 def replay(fast: FastLlama, prompt: torch.Tensor, ids: list[int]) -> torch.Tensor:
@@ -105,7 +107,7 @@ def replay(fast: FastLlama, prompt: torch.Tensor, ids: list[int]) -> torch.Tenso
 
 
 @pytest.mark.slow
-def test_models_the_kernel_cannot_take_use_pytorch_or_are_refused(services, tmp_path) -> None:
+def test_models_the_kernels_cannot_take_use_pytorch_or_are_refused(services, tmp_path) -> None:
     """A head size of 24 is not a multiple of 16: auto falls back, native names the setting."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -116,10 +118,9 @@ def test_models_the_kernel_cannot_take_use_pytorch_or_are_refused(services, tmp_
     LlamaForCausalLM(tiny).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     auto = LocalLM(LLMSettings(model=str(tmp_path), cache_dir=tmp_path))
-    assert auto.engine == "fast" and auto.fast.attention is None
+    assert auto.engine == "fast" and auto.fast.native is None
     assert auto.generate(QA, OPTIONS).token_ids
-    with pytest.raises(ModelLoadError, match="llm.attention_kernel=native"):
-        LocalLM(LLMSettings(model=str(tmp_path), cache_dir=tmp_path, attention_kernel="native"))
-    torch_only = LocalLM(LLMSettings(model=str(tmp_path), cache_dir=tmp_path,
-                                     attention_kernel="torch"))
-    assert torch_only.fast.attention is None
+    with pytest.raises(ModelLoadError, match="llm.kernels=native"):
+        LocalLM(LLMSettings(model=str(tmp_path), cache_dir=tmp_path, kernels="native"))
+    torch_only = LocalLM(LLMSettings(model=str(tmp_path), cache_dir=tmp_path, kernels="torch"))
+    assert torch_only.fast.native is None

@@ -1,4 +1,11 @@
-// Single-query attention over a float16 key/value cache, for the fast CPU decoder.
+// Native decoding step of the fast CPU decoder (rag_app/fast_decoder.py): every layer of
+// a Llama network for one new token, and at its heart single-query attention over a float16
+// key/value cache.
+//
+// Between the int4 matrix products (PyTorch's own `_weight_int4pack_mm_for_cpu`), a layer
+// is a dozen small operations (norms, rotary embedding, residual adds, SiLU); from Python
+// each costs a few microseconds of dispatch, which for a 135M model is a fifth of a step.
+// Here they are plain loops.
 //
 // One decoding step attends one new query per head over every cached position. PyTorch's
 // kernels for that shape either read a float32 cache (twice the bytes of float16) or run
@@ -7,8 +14,9 @@
 // sharing each key and value row and the positions split in chunks over the threads
 // (split-K "flash decoding": per-chunk maxima, sums and outputs, combined at the end).
 //
-// Registered as torch.ops.rag_app.decode_attention; built on first use by
-// rag_app/kernels.py with the machine's own compiler and instruction set.
+// Registered as torch.ops.rag_app.decode_attention and torch.ops.rag_app.decode_layers;
+// built on first use by rag_app/kernels.py with the machine's own compiler and instruction
+// set.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -128,37 +136,14 @@ constexpr ChunkFn kChunkFns[kMaxGroup] = {attend_chunk<1>, attend_chunk<2>, atte
                                           attend_chunk<4>, attend_chunk<5>, attend_chunk<6>,
                                           attend_chunk<7>, attend_chunk<8>};
 
-// q: (H, D) float32, already multiplied by the attention scale.
-// k_new, v_new: (Hkv, D) float32 for position `pos`, written into the caches first.
-// k_cache: (Hkv, D, L) float16, transposed so that 16 positions' scores are one vector
-// operation; v_cache: (Hkv, L, D) float16. Returns (H, D) float32: attention over 0..pos.
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new,
-                            const at::Tensor& v_new, at::Tensor k_cache, at::Tensor v_cache,
-                            int64_t pos) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kFloat && q.is_contiguous(),
-              "q must be a contiguous (H, D) float32 tensor");
-  TORCH_CHECK(k_cache.dim() == 3 && v_cache.dim() == 3 && k_cache.scalar_type() == at::kHalf &&
-                  v_cache.scalar_type() == at::kHalf && k_cache.is_contiguous() &&
-                  v_cache.is_contiguous(),
-              "caches must be contiguous float16 tensors");
-  const int64_t H = q.size(0), D = q.size(1);
-  const int64_t Hkv = v_cache.size(0), L = v_cache.size(1);
-  TORCH_CHECK(v_cache.size(2) == D && k_cache.size(0) == Hkv && k_cache.size(1) == D &&
-                  k_cache.size(2) == L,
-              "caches must be keys (Hkv, D, L) and values (Hkv, L, D)");
-  TORCH_CHECK(D % 16 == 0, "head size must be a multiple of 16");
-  TORCH_CHECK(H % Hkv == 0 && H / Hkv <= kMaxGroup,
-              "query heads must be 1 to 8 times the key/value heads");
-  TORCH_CHECK(pos >= 0 && pos < L, "position outside the cache");
-  const at::Tensor kn = k_new.contiguous().to(at::kFloat), vn = v_new.contiguous().to(at::kFloat);
-  TORCH_CHECK(kn.numel() == Hkv * D && vn.numel() == Hkv * D, "new key/value must be (Hkv, D)");
-
+// Attention of one query per head at position `pos`, after writing that position's key and
+// value into the caches. q: (H, D) float32, already multiplied by the attention scale;
+// kp, vp: (Hkv, D) float32; K: keys (Hkv, D, L) float16, transposed so that 16 positions'
+// scores are one vector operation; V: values (Hkv, L, D) float16. O: (H, D) float32.
+void attend(const float* Q, const float* kp, const float* vp, at::Half* K, at::Half* V,
+            int64_t H, int64_t Hkv, int64_t D, int64_t L, int64_t pos, float* O) {
   const int64_t G = H / Hkv, T = pos + 1;
   const int64_t chunks = (T + kChunk - 1) / kChunk;
-  at::Half* K = k_cache.data_ptr<at::Half>();
-  at::Half* V = v_cache.data_ptr<at::Half>();
-  const float* kp = kn.data_ptr<float>();
-  const float* vp = vn.data_ptr<float>();
   for (int64_t h = 0; h < Hkv; ++h) {
     for (int64_t d = 0; d < D; ++d) K[(h * D + d) * L + pos] = at::Half(kp[h * D + d]);
     for (int64_t d = 0; d < D; d += 16)
@@ -167,7 +152,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new,
   // per (kv head, chunk, group member): maximum score, sum of exponentials, output row
   std::vector<float> part_max(Hkv * chunks * G), part_sum(Hkv * chunks * G);
   std::vector<float> part_out(Hkv * chunks * G * D);
-  const float* Q = q.data_ptr<float>();
   const ChunkFn chunk_fn = kChunkFns[G - 1];
 
   at::parallel_for(0, Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
@@ -181,8 +165,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new,
   });
 
   // combine the chunks: rescale each by exp(its max - the overall max)
-  at::Tensor out = at::empty({H, D}, q.options());
-  float* O = out.data_ptr<float>();
   for (int64_t h = 0; h < Hkv; ++h) {
     for (int64_t g = 0; g < G; ++g) {
       float m = -INFINITY;
@@ -200,7 +182,119 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new,
       for (int64_t d = 0; d < D; ++d) o[d] /= total;
     }
   }
+}
+
+void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t H, int64_t D,
+                  int64_t pos) {
+  TORCH_CHECK(k_cache.dim() == 3 && v_cache.dim() == 3 && k_cache.scalar_type() == at::kHalf &&
+                  v_cache.scalar_type() == at::kHalf && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous(),
+              "caches must be contiguous float16 tensors");
+  const int64_t Hkv = v_cache.size(0), L = v_cache.size(1);
+  TORCH_CHECK(v_cache.size(2) == D && k_cache.size(0) == Hkv && k_cache.size(1) == D &&
+                  k_cache.size(2) == L,
+              "caches must be keys (Hkv, D, L) and values (Hkv, L, D)");
+  TORCH_CHECK(D % 16 == 0, "head size must be a multiple of 16");
+  TORCH_CHECK(H % Hkv == 0 && H / Hkv <= kMaxGroup,
+              "query heads must be 1 to 8 times the key/value heads");
+  TORCH_CHECK(pos >= 0 && pos < L, "position outside the cache");
+}
+
+// The op: q (H, D) float32; k_new, v_new (Hkv, D); caches as for `attend`.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new,
+                            const at::Tensor& v_new, at::Tensor k_cache, at::Tensor v_cache,
+                            int64_t pos) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kFloat && q.is_contiguous(),
+              "q must be a contiguous (H, D) float32 tensor");
+  const int64_t H = q.size(0), D = q.size(1), Hkv = v_cache.size(0);
+  check_caches(k_cache, v_cache, H, D, pos);
+  const at::Tensor kn = k_new.contiguous().to(at::kFloat), vn = v_new.contiguous().to(at::kFloat);
+  TORCH_CHECK(kn.numel() == Hkv * D && vn.numel() == Hkv * D, "new key/value must be (Hkv, D)");
+  at::Tensor out = at::empty({H, D}, q.options());
+  attend(q.data_ptr<float>(), kn.data_ptr<float>(), vn.data_ptr<float>(),
+         k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>(), H, Hkv, D,
+         v_cache.size(1), pos, out.data_ptr<float>());
   return out;
+}
+
+// y = x / sqrt(mean(x^2) + eps) * w, in float32, written as bfloat16
+void rms_norm(const float* x, const float* w, int64_t n, float eps, at::BFloat16* y) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = at::BFloat16(x[i] * r * w[i]);
+}
+
+// transformers' half rotation: (a, b) -> (a cos - b sin, b cos + a sin), into float32
+void rope(const at::BFloat16* x, const float* cos, const float* sin, int64_t D, float* y) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    y[i] = a * cos[i] - b * sin[i];
+    y[i + half] = b * cos[i + half] + a * sin[i + half];
+  }
+}
+
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
+  return at::_weight_int4pack_mm_for_cpu(x, packed, 32, scales);
+}
+
+// One decoding step through every layer of a Llama network, the residual stream in float32.
+// x: (1, C) float32, the new token's embedding. weights: 10 per layer (norm1 and norm2 as
+// float32 (C,), then packed int4 and scales of qkv, o, gate_up and down, as made by
+// rag_app/fast_decoder.py); caches: keys and values per layer; cos, sin: (D,) float32 rows
+// for `pos`. Returns the residual stream after the last layer, (1, C) float32.
+at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::TensorList caches,
+                         const at::Tensor& cos, const at::Tensor& sin, int64_t pos,
+                         int64_t heads, double eps) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) == 1 && x_in.scalar_type() == at::kFloat,
+              "x must be one float32 row");
+  const int64_t layers = static_cast<int64_t>(caches.size()) / 2;
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 10 * layers && layers > 0,
+              "10 weights and 2 caches per layer");
+  const int64_t C = x_in.size(1), H = heads, D = caches[1].size(2), Hkv = caches[1].size(0);
+  TORCH_CHECK(cos.numel() == D && sin.numel() == D && cos.scalar_type() == at::kFloat &&
+                  sin.scalar_type() == at::kFloat,
+              "cos and sin must be float32 rows of the head size");
+  at::Tensor x = x_in.contiguous().clone();
+  float* X = x.data_ptr<float>();
+  const auto bf16 = x.options().dtype(at::kBFloat16);
+  at::Tensor h = at::empty({1, C}, bf16);
+  at::Tensor a = at::empty({1, H * D}, bf16);
+  std::vector<float> q(H * D), k(Hkv * D), v(Hkv * D), o(H * D);
+  const float* cs = cos.data_ptr<float>();
+  const float* sn = sin.data_ptr<float>();
+  for (int64_t layer = 0; layer < layers; ++layer) {
+    const at::Tensor* w = weights.data() + 10 * layer;
+    at::Tensor keys = caches[2 * layer], values = caches[2 * layer + 1];
+    check_caches(keys, values, H, D, pos);
+    rms_norm(X, w[0].data_ptr<float>(), C, static_cast<float>(eps), h.data_ptr<at::BFloat16>());
+    const at::Tensor qkv = int4_mm(h, w[2], w[3]);  // (1, (H + 2 Hkv) D) bfloat16
+    const at::BFloat16* p = qkv.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < H; ++i) rope(p + i * D, cs, sn, D, q.data() + i * D);
+    for (int64_t i = 0; i < Hkv; ++i) rope(p + (H + i) * D, cs, sn, D, k.data() + i * D);
+    for (int64_t i = 0; i < Hkv * D; ++i) v[i] = p[(H + Hkv) * D + i];
+    attend(q.data(), k.data(), v.data(), keys.data_ptr<at::Half>(),
+           values.data_ptr<at::Half>(), H, Hkv, D, values.size(1), pos, o.data());
+    at::BFloat16* ap = a.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < H * D; ++i) ap[i] = at::BFloat16(o[i]);
+    const at::Tensor attn = int4_mm(a, w[4], w[5]);
+    const at::BFloat16* ao = attn.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < C; ++i) X[i] += static_cast<float>(ao[i]);
+
+    rms_norm(X, w[1].data_ptr<float>(), C, static_cast<float>(eps), h.data_ptr<at::BFloat16>());
+    at::Tensor gate_up = int4_mm(h, w[6], w[7]);  // (1, 2 I): silu(gate) * up, in place
+    const int64_t I = gate_up.size(1) / 2;
+    at::BFloat16* gu = gate_up.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < I; ++i) {
+      const float g = gu[i];
+      gu[i] = at::BFloat16(g / (1.f + std::exp(-g)) * static_cast<float>(gu[I + i]));
+    }
+    const at::Tensor down = int4_mm(gate_up.narrow(1, 0, I).contiguous(), w[8], w[9]);
+    const at::BFloat16* dp = down.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < C; ++i) X[i] += static_cast<float>(dp[i]);
+  }
+  return x;
 }
 
 }  // namespace
@@ -208,6 +302,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new,
 TORCH_LIBRARY(rag_app, m) {
   m.def("decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, int pos) -> Tensor");
+  m.def("decode_layers(Tensor x, Tensor[] weights, Tensor(a!)[] caches, Tensor cos, "
+        "Tensor sin, int pos, int heads, float eps) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(rag_app, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(rag_app, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("decode_layers", &decode_layers);
+}
