@@ -10,7 +10,7 @@ from prompts import QA, STORY
 
 from rag_app import kernels
 from rag_app.errors import ModelLoadError
-from rag_app.fast_decoder import FastLlama
+from rag_app.fast_decoder import FastLlama, prefill_layout
 from rag_app.llm import LocalLM
 from rag_app.settings import GenerationSettings, LLMSettings
 
@@ -21,8 +21,13 @@ if torch.backends.cpu.get_cpu_capability() != "AVX512":
 
 
 @pytest.fixture(scope="module")
-def attend(cache_dir):
-    return kernels.native_ops(cache_dir).decode_attention
+def ops(cache_dir):
+    return kernels.native_ops(cache_dir)
+
+
+@pytest.fixture(scope="module")
+def attend(ops):
+    return ops.decode_attention
 
 
 def reference(q, keys, values, pos):
@@ -77,6 +82,30 @@ def test_bad_shapes_are_refused_with_a_message(attend) -> None:
         attend(q, kv, kv, keys.float(), values, 0)
     with pytest.raises(RuntimeError, match=r"keys \(Hkv, D, L\)"):
         attend(q, kv, kv, values, values, 0)
+
+
+@pytest.mark.parametrize(("length", "heads", "kv_heads", "dim"), [
+    (1, 9, 3, 64), (7, 4, 4, 64), (64, 3, 1, 64), (65, 9, 3, 64), (100, 8, 2, 128),
+    (257, 16, 2, 32), (700, 9, 3, 64)])
+def test_prompt_attention_is_causal_attention(ops, length, heads, kv_heads, dim) -> None:
+    """Against float64 over the same bfloat16 inputs: no less exact than PyTorch's own
+    bfloat16 attention (both round the weights and the output to bfloat16)."""
+    if not ops.prefill_supported():
+        pytest.skip("this CPU has no AVX512-BF16: the prompt runs on PyTorch's attention")
+    gen = torch.Generator().manual_seed(length)
+    q = (torch.randn(heads, length, dim, generator=gen) * dim ** -0.5 * 3).bfloat16()
+    k, v = (torch.randn(kv_heads, length, dim, generator=gen).bfloat16() for _ in range(2))
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q.double()[None], k.double()[None], v.double()[None], is_causal=True, enable_gqa=True,
+        scale=1.0)[0].transpose(0, 1).reshape(length, -1)
+    pytorch = torch.nn.functional.scaled_dot_product_attention(
+        q[None], k[None], v[None], is_causal=True, enable_gqa=True,
+        scale=1.0)[0].transpose(0, 1).reshape(length, -1)
+    out = ops.prefill_attention(q, *prefill_layout(k, v))
+    assert out.shape == (length, heads * dim) and out.dtype == torch.bfloat16
+    err = (out.double() - exact).abs().max()
+    assert err <= 1.5 * (pytorch.double() - exact).abs().max() + 1e-3, err
+    assert err < 0.02
 
 
 @pytest.mark.slow

@@ -217,6 +217,184 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new,
   return out;
 }
 
+// ---- prompt (prefill) attention: causal, many queries, flash-attention style ----------
+//
+// Query rows of one key/value head (its G query heads times a block of kQB positions) go
+// through the keys in blocks of 64 with an online softmax: S = Q K (a 6-row x 64-position
+// register tile), then O += P V (6 rows x 64 dimensions). The products are AVX512-BF16
+// dot products of bfloat16 pairs accumulated in float32 (the activations are bfloat16
+// already; P is rounded to bfloat16 as in PyTorch's own bfloat16 attention), so keys come
+// as pairs of dimensions per position, (Hkv, D/2, T, 2), and values as pairs of positions
+// per dimension, (Hkv, ceil(T/2), D, 2).
+
+#ifdef __AVX512BF16__
+constexpr int64_t kQB = 32;  // query positions per task
+constexpr int64_t kKB = 64;  // key positions per block
+
+inline __mmask16 lanes(int64_t left) {
+  return left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// S[r][0..64) = q_r . k_{l0..l0+n}; qrows: R bfloat16 rows; Kp: (D/2, T, 2)
+template <int R>
+void qk_rows(const at::BFloat16* const* qrows, const at::BFloat16* Kp, int64_t T, int64_t D,
+             int64_t l0, int64_t n, float* S) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < 4; ++b) acc[r][b] = _mm512_setzero_ps();
+  __mmask16 masks[4];
+  for (int b = 0; b < 4; ++b) masks[b] = lanes(n - 16 * b);
+  for (int64_t dp = 0; dp < D / 2; ++dp) {
+    __m512i k[4];
+    for (int b = 0; b < 4; ++b)
+      k[b] = _mm512_maskz_loadu_epi32(masks[b], Kp + (dp * T + l0 + 16 * b) * 2);
+    for (int r = 0; r < R; ++r) {
+      const __m512i qv = _mm512_set1_epi32(reinterpret_cast<const int32_t*>(qrows[r])[dp]);
+      for (int b = 0; b < 4; ++b)
+        acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)qv, (__m512bh)k[b]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < 4; ++b) _mm512_storeu_ps(S + r * kKB + 16 * b, acc[r][b]);
+}
+
+// O_r += sum_l P[r][l] v_l; P: R rows of kKB bfloat16; Vp: (ceil(T/2), D, 2)
+template <int R>
+void pv_rows(const at::BFloat16* P, const at::BFloat16* Vp, int64_t D, int64_t l0, int64_t n,
+             float* const* orows) {
+  for (int64_t o = 0; o < D; o += 64) {
+    const int nb = static_cast<int>(std::min<int64_t>(4, (D - o) / 16));
+    __m512 acc[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < 4; ++b)
+        acc[r][b] = b < nb ? _mm512_loadu_ps(orows[r] + o + 16 * b) : _mm512_setzero_ps();
+    for (int64_t lp = 0; lp < (n + 1) / 2; ++lp) {
+      __m512i v[4];
+      for (int b = 0; b < 4; ++b)
+        v[b] = b < nb ? _mm512_loadu_si512(Vp + ((l0 / 2 + lp) * D + o + 16 * b) * 2)
+                      : _mm512_setzero_si512();
+      for (int r = 0; r < R; ++r) {
+        const __m512i p = _mm512_set1_epi32(reinterpret_cast<const int32_t*>(P + r * kKB)[lp]);
+        for (int b = 0; b < 4; ++b)
+          acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)p, (__m512bh)v[b]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < nb; ++b) _mm512_storeu_ps(orows[r] + o + 16 * b, acc[r][b]);
+  }
+}
+
+using QkFn = void (*)(const at::BFloat16* const*, const at::BFloat16*, int64_t, int64_t,
+                      int64_t, int64_t, float*);
+using PvFn = void (*)(const at::BFloat16*, const at::BFloat16*, int64_t, int64_t, int64_t,
+                      float* const*);
+constexpr QkFn kQk[6] = {qk_rows<1>, qk_rows<2>, qk_rows<3>, qk_rows<4>, qk_rows<5>, qk_rows<6>};
+constexpr PvFn kPv[6] = {pv_rows<1>, pv_rows<2>, pv_rows<3>, pv_rows<4>, pv_rows<5>, pv_rows<6>};
+#endif
+
+// q: (H, T, D) bfloat16, already scaled; keys (Hkv, D/2, T, 2) and values
+// (Hkv, ceil(T/2), D, 2) bfloat16, as described above. Returns (T, H * D) bfloat16: causal
+// attention of every position over positions 0..itself.
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& keys,
+                             const at::Tensor& values) {
+#ifndef __AVX512BF16__
+  TORCH_CHECK(false, "prefill_attention needs a CPU with AVX512-BF16");
+#else
+  TORCH_CHECK(q.dim() == 3 && keys.dim() == 4 && values.dim() == 4 &&
+                  q.scalar_type() == at::kBFloat16 && keys.scalar_type() == at::kBFloat16 &&
+                  values.scalar_type() == at::kBFloat16 && q.is_contiguous() &&
+                  keys.is_contiguous() && values.is_contiguous(),
+              "q, keys and values must be contiguous bfloat16 tensors");
+  const int64_t H = q.size(0), T = q.size(1), D = q.size(2), Hkv = keys.size(0);
+  TORCH_CHECK(keys.size(1) == D / 2 && keys.size(2) == T && keys.size(3) == 2 &&
+                  values.size(0) == Hkv && values.size(1) == (T + 1) / 2 &&
+                  values.size(2) == D && values.size(3) == 2,
+              "expected q (H, T, D), keys (Hkv, D/2, T, 2), values (Hkv, ceil(T/2), D, 2)");
+  TORCH_CHECK(D % 16 == 0 && H % Hkv == 0, "head size a multiple of 16, whole query groups");
+  const int64_t G = H / Hkv, blocks = (T + kQB - 1) / kQB;
+  at::Tensor out = at::empty({T, H * D}, q.options());
+  const at::BFloat16* Q = q.data_ptr<at::BFloat16>();
+  const at::BFloat16* K = keys.data_ptr<at::BFloat16>();
+  const at::BFloat16* V = values.data_ptr<at::BFloat16>();
+  at::BFloat16* O = out.data_ptr<at::BFloat16>();
+
+  at::parallel_for(0, Hkv * blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t rows_max = G * kQB;
+    std::vector<float> S(rows_max * kKB), acc(rows_max * D), m(rows_max), sum(rows_max);
+    std::vector<at::BFloat16> P(rows_max * kKB);
+    std::vector<const at::BFloat16*> qrows(rows_max);
+    std::vector<float*> orows(rows_max);
+    for (int64_t task = begin; task < end; ++task) {
+      // later query blocks attend over more keys: they are handed out first
+      const int64_t h = task % Hkv, q0 = (blocks - 1 - task / Hkv) * kQB;
+      const int64_t nq = std::min(kQB, T - q0), rows = G * nq;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < nq; ++i) {
+          qrows[g * nq + i] = Q + ((h * G + g) * T + q0 + i) * D;
+          orows[g * nq + i] = acc.data() + (g * nq + i) * D;
+        }
+      std::fill(acc.begin(), acc.begin() + rows * D, 0.f);
+      std::fill(m.begin(), m.begin() + rows, -INFINITY);
+      std::fill(sum.begin(), sum.begin() + rows, 0.f);
+      const at::BFloat16* Kh = K + h * D * T;
+      const at::BFloat16* Vh = V + h * ((T + 1) / 2) * D * 2;
+      for (int64_t l0 = 0; l0 < q0 + nq; l0 += kKB) {
+        const int64_t n = std::min(kKB, q0 + nq - l0);
+        for (int64_t r = 0; r < rows; r += 6)
+          kQk[std::min<int64_t>(6, rows - r) - 1](qrows.data() + r, Kh, T, D, l0, n,
+                                                   S.data() + r * kKB);
+        // causal mask, online softmax: what came before is rescaled by exp(old - new max)
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* s = S.data() + r * kKB;
+          const int64_t visible = std::min(n, q0 + r % nq - l0 + 1);  // keys <= the query
+          __m512 mv = _mm512_set1_ps(m[r]);
+          for (int64_t j = 0; j < visible; j += 16)
+            mv = _mm512_mask_max_ps(mv, lanes(visible - j), mv, _mm512_loadu_ps(s + j));
+          const float mx = _mm512_reduce_max_ps(mv);
+          const float scale = std::exp(m[r] - mx);
+          __m512 total = _mm512_setzero_ps();
+          for (int64_t j = 0; j < kKB; j += 16) {
+            const __m512 e = _mm512_maskz_mov_ps(
+                lanes(visible - j),
+                exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), _mm512_set1_ps(mx))));
+            const __m256bh eb = _mm512_cvtneps_pbh(e);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(P.data() + r * kKB + j),
+                                (__m256i)eb);
+            total = _mm512_add_ps(total, _mm512_cvtpbh_ps(eb));  // the weights P V uses
+          }
+          sum[r] = sum[r] * scale + _mm512_reduce_add_ps(total);
+          m[r] = mx;
+          if (scale != 1.f)
+            for (int64_t d = 0; d < D; d += 16)
+              _mm512_storeu_ps(orows[r] + d, _mm512_mul_ps(_mm512_loadu_ps(orows[r] + d),
+                                                           _mm512_set1_ps(scale)));
+        }
+        for (int64_t r = 0; r < rows; r += 6)
+          kPv[std::min<int64_t>(6, rows - r) - 1](P.data() + r * kKB, Vh, D, l0, n,
+                                                   orows.data() + r);
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < nq; ++i) {
+          const int64_t r = g * nq + i;
+          at::BFloat16* dst = O + (q0 + i) * H * D + (h * G + g) * D;
+          const float inv = 1.f / sum[r];
+          for (int64_t d = 0; d < D; ++d) dst[d] = at::BFloat16(orows[r][d] * inv);
+        }
+    }
+  });
+  return out;
+#endif
+}
+
+// Whether prefill_attention was built (the compiling CPU has AVX512-BF16).
+bool prefill_supported() {
+#ifdef __AVX512BF16__
+  return true;
+#else
+  return false;
+#endif
+}
+
 // y = x / sqrt(mean(x^2) + eps) * w, in float32, written as bfloat16
 void rms_norm(const float* x, const float* w, int64_t n, float eps, at::BFloat16* y) {
   float ss = 0.f;
@@ -302,6 +480,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Ten
 TORCH_LIBRARY(rag_app, m) {
   m.def("decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, int pos) -> Tensor");
+  m.def("prefill_attention(Tensor q, Tensor keys, Tensor values) -> Tensor");
+  m.def("prefill_supported() -> bool", &prefill_supported);  // no tensors: any backend
   m.def("decode_layers(Tensor x, Tensor[] weights, Tensor(a!)[] caches, Tensor cos, "
         "Tensor sin, int pos, int heads, float eps) -> Tensor");
 }
@@ -309,4 +489,5 @@ TORCH_LIBRARY(rag_app, m) {
 TORCH_LIBRARY_IMPL(rag_app, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("decode_layers", &decode_layers);
+  m.impl("prefill_attention", &prefill_attention);
 }
