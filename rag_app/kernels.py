@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,20 +73,29 @@ def native_ops(cache_dir: Path) -> Any:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + torch.__version__.encode() + _cpu_model().encode())
     build = Path(cache_dir) / "kernels" / key.hexdigest()[:16]
-    build.mkdir(parents=True, exist_ok=True)
+    if not (build / "rag_app_fast_decoder.so").is_file():
+        log.info("building the fast decoder's native kernels into %s (once, a few seconds)",
+                 build)
     try:
+        build.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(name="rag_app_fast_decoder", sources=[str(SOURCE)],
                            extra_cflags=["-O3", "-march=native", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], build_directory=str(build),
                            is_python_module=False, verbose=False)
-    except (OSError, RuntimeError, ImportError) as e:  # no compiler, no ninja, build error
+    except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:
+        # no compiler or ninja, a compiler that fails, a build error, a read-only cache
         raise KernelUnavailable(f"the native decoder kernels did not build in {build}: "
-                                f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}"
-                                ) from e
+                                f"{_first_error(str(e))}") from e
     op = _loaded()
     if op is None:
         raise KernelUnavailable(f"the library built in {build} did not register its kernels")
     return op
+
+
+def _first_error(output: str) -> str:
+    """The compiler's first error line, else the last line of what the builder said."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()] or ["unknown error"]
+    return next((line for line in lines if "error:" in line), lines[-1])
 
 
 def _cpu_model() -> str:

@@ -4,6 +4,10 @@ cache, and their decoding step against the same network in PyTorch operations.""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from prompts import QA, STORY
@@ -153,3 +157,16 @@ def test_models_the_kernels_cannot_take_use_pytorch_or_are_refused(services, tmp
         LocalLM(LLMSettings(model=str(tmp_path), cache_dir=tmp_path, kernels="native"))
     torch_only = LocalLM(LLMSettings(model=str(tmp_path), cache_dir=tmp_path, kernels="torch"))
     assert torch_only.fast.native is None
+
+
+def test_a_machine_that_cannot_compile_gets_a_reason(tmp_path) -> None:
+    """No working compiler (a fresh process: this one has the library loaded already)."""
+    code = ("import sys; from pathlib import Path; from rag_app import kernels\n"
+            "try:\n    kernels.native_ops(Path(sys.argv[1]))\n"
+            "except kernels.KernelUnavailable as e:\n    print('unavailable:', e)")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler")}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, text=True,
+                         capture_output=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("unavailable: the native decoder kernels did not build in "
+                                 + str(tmp_path / "kernels")), out.stdout
