@@ -165,6 +165,8 @@ class FastLlama:
         """q (H, T, hd), k/v (Hkv, T, hd) of the new tokens -> (T, H * hd)."""
         keys, values = cache
         t = q.shape[1]
+        if keys.dtype == torch.float16:  # saturate as the native kernels do, never inf
+            k, v = k.clamp(-65504, 65504), v.clamp(-65504, 65504)
         keys[:, :, pos:pos + t] = k.transpose(1, 2)
         values[:, pos:pos + t] = v
         if t > 1:  # the prompt: the new tokens attend causally among themselves

@@ -17,6 +17,8 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "fast_decoder.cpp"
+LIBRARY = "rag_app_fast_decoder"
 MAX_GROUP = 8  # query heads per key/value head the kernel is built for
 
 
@@ -55,8 +58,8 @@ def _ninja_on_path() -> None:
 
 
 def native_ops(cache_dir: Path) -> Any:
-    """`torch.ops.rag_app` (`decode_layers`, `decode_attention`), built into `cache_dir` if
-    needed.
+    """`torch.ops.rag_app` (`decode_layers`, `decode_attention`, `prefill_attention`), built
+    into `cache_dir` if needed.
 
     Raises KernelUnavailable when this CPU lacks AVX-512 or nothing can compile it."""
     op = _loaded()
@@ -67,21 +70,11 @@ def native_ops(cache_dir: Path) -> Any:
         raise KernelUnavailable(
             f"the native decoder kernels need an x86-64 CPU with AVX-512 (this one: "
             f"{platform.machine()}, {torch.backends.cpu.get_cpu_capability()})")
-    _ninja_on_path()
-    from torch.utils import cpp_extension
-
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + torch.__version__.encode() + _cpu_model().encode())
-    build = Path(cache_dir) / "kernels" / key.hexdigest()[:16]
-    if not (build / "rag_app_fast_decoder.so").is_file():
-        log.info("building the fast decoder's native kernels into %s (once, a few seconds)",
-                 build)
+    build = build_folder(cache_dir)
     try:
         build.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name="rag_app_fast_decoder", sources=[str(SOURCE)],
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"], build_directory=str(build),
-                           is_python_module=False, verbose=False)
+        with _build_lock(build):
+            _load_or_build(build)
     except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:
         # no compiler or ninja, a compiler that fails, a build error, a read-only cache
         raise KernelUnavailable(f"the native decoder kernels did not build in {build}: "
@@ -90,6 +83,52 @@ def native_ops(cache_dir: Path) -> Any:
     if op is None:
         raise KernelUnavailable(f"the library built in {build} did not register its kernels")
     return op
+
+
+def build_folder(cache_dir: Path) -> Path:
+    """One folder per source, torch install, environment, compiler and CPU (-march=native)."""
+    parts = [torch.__version__, str(Path(torch.__file__).parent), sys.prefix,
+             os.environ.get("CXX", "c++"), _cpu_model()]
+    key = hashlib.sha256(SOURCE.read_bytes() + "\0".join(parts).encode())
+    return Path(cache_dir) / "kernels" / key.hexdigest()[:16]
+
+
+@contextmanager
+def _build_lock(build: Path) -> Iterator[None]:
+    """One builder at a time per folder, with a lock the OS drops if its holder dies (torch's
+    own lock file would stay behind a killed build and make every later start wait)."""
+    lock = None
+    try:
+        import fcntl
+
+        lock = (build / ".lock").open("a")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    except (ImportError, OSError):  # no flock here, or a read-only folder: nobody builds
+        pass
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _load_or_build(build: Path) -> None:
+    library = build / f"{LIBRARY}.so"
+    if library.is_file():
+        try:
+            torch.ops.load_library(str(library))  # built before: no compiler, no ninja
+            return
+        except OSError:  # cut short by a killed build: build it again
+            library.unlink()
+    (build / "lock").unlink(missing_ok=True)  # torch's lock, left by a killed build
+    log.info("building the fast decoder's native kernels into %s (once, a few seconds)", build)
+    _ninja_on_path()
+    from torch.utils import cpp_extension
+
+    cpp_extension.load(name=LIBRARY, sources=[str(SOURCE)],
+                       extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                       extra_ldflags=["-fopenmp"], build_directory=str(build),
+                       is_python_module=False, verbose=False)
 
 
 def _first_error(output: str) -> str:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from prompts import QA, STORY
+from prompts import QA, STORY, replay
 
 from rag_app.errors import ModelLoadError
-from rag_app.fast_decoder import FastLlama, supports
+from rag_app.fast_decoder import supports
 from rag_app.llm import Generation, LocalLM
 from rag_app.settings import GenerationSettings, LLMSettings
 
@@ -24,15 +24,6 @@ def lm(services) -> LocalLM:
 
 def opts(**kw) -> GenerationSettings:
     return GenerationSettings(**{"max_new_tokens": N, "stop_on_repeat": 0, **kw})
-
-
-def replay(fast: FastLlama, prompt: torch.Tensor, ids: list[int]) -> torch.Tensor:
-    """The decoder's logits before each of `ids`, one step at a time: (len(ids), V)."""
-    cache = fast.new_cache(len(prompt) + len(ids))
-    steps = [fast.forward(prompt, cache, 0)[0]]
-    for pos, token in enumerate(ids[:-1], len(prompt)):
-        steps.append(fast.forward(torch.tensor([token]), cache, pos)[0])
-    return torch.stack(steps)
 
 
 def test_fast_decoder_is_the_default_on_cpu(lm: LocalLM) -> None:

@@ -7,10 +7,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from prompts import QA, STORY
+from prompts import QA, STORY, replay
 
 from rag_app import kernels
 from rag_app.errors import ModelLoadError
@@ -44,8 +45,9 @@ def reference(q, keys, values, pos):
     return (torch.softmax(qg @ k, -1) @ v).reshape(q.shape[0], -1)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 64), (8, 2, 128),
-                                                        (16, 2, 32)])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [
+    (4, 4, 64), (6, 3, 64), (9, 3, 64), (8, 2, 128), (10, 2, 64), (12, 2, 48), (14, 2, 64),
+    (16, 2, 32)])  # every group size from 1 to 8
 def test_attention_equals_float64_over_the_same_cache(attend, heads, kv_heads, dim) -> None:
     gen = torch.Generator().manual_seed(heads * dim)
     length = 1003  # not a multiple of 16: the last positions' loads are masked
@@ -75,6 +77,14 @@ def test_positions_after_the_step_are_never_read(attend) -> None:
     clean = attend(q, k_new, v_new, keys.clone(), values.clone(), 200)
     keys[:, :, 201:], values[:, 201:] = float("nan"), float("inf")
     assert torch.equal(attend(q, k_new, v_new, keys, values, 200), clean)
+
+
+def test_float16_cache_saturates_instead_of_overflowing(attend) -> None:
+    keys, values = torch.zeros(1, 16, 4).half(), torch.zeros(1, 4, 16).half()
+    big = torch.full((1, 16), 1e6)
+    out = attend(torch.full((1, 16), 1e-6), big, -big, keys, values, 0)
+    assert keys[0, :, 0].eq(65504).all() and values[0, 0].eq(-65504).all()
+    assert torch.equal(out, torch.full((1, 16), -65504.0))
 
 
 def test_bad_shapes_are_refused_with_a_message(attend) -> None:
@@ -131,14 +141,6 @@ def test_native_decoding_steps_follow_the_pytorch_ones(services) -> None:
         assert (native - torch_).abs().max() < 0.08
 
 
-def replay(fast: FastLlama, prompt: torch.Tensor, ids: list[int]) -> torch.Tensor:
-    cache = fast.new_cache(len(prompt) + len(ids))
-    steps = [fast.forward(prompt, cache, 0)[0]]
-    for pos, token in enumerate(ids[:-1], len(prompt)):
-        steps.append(fast.forward(torch.tensor([token]), cache, pos)[0])
-    return torch.stack(steps)
-
-
 @pytest.mark.slow
 def test_models_the_kernels_cannot_take_use_pytorch_or_are_refused(services, tmp_path) -> None:
     """A head size of 24 is not a multiple of 16: auto falls back, native names the setting."""
@@ -159,14 +161,30 @@ def test_models_the_kernels_cannot_take_use_pytorch_or_are_refused(services, tmp
     assert torch_only.fast.native is None
 
 
-def test_a_machine_that_cannot_compile_gets_a_reason(tmp_path) -> None:
-    """No working compiler (a fresh process: this one has the library loaded already)."""
-    code = ("import sys; from pathlib import Path; from rag_app import kernels\n"
-            "try:\n    kernels.native_ops(Path(sys.argv[1]))\n"
-            "except kernels.KernelUnavailable as e:\n    print('unavailable:', e)")
-    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler")}
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, text=True,
-                         capture_output=True, timeout=300)
+BUILD = ("import sys; from pathlib import Path; from rag_app import kernels\n"
+         "try:\n    kernels.native_ops(Path(sys.argv[1])); print('loaded')\n"
+         "except kernels.KernelUnavailable as e:\n    print('unavailable:', e)")
+
+
+def build_in_a_new_process(cache: Path, **env: str) -> str:
+    """(A new process: this one has the library loaded already.)"""
+    out = subprocess.run([sys.executable, "-c", BUILD, str(cache)], env={**os.environ, **env},
+                         text=True, capture_output=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("unavailable: the native decoder kernels did not build in "
-                                 + str(tmp_path / "kernels")), out.stdout
+    return out.stdout
+
+
+def test_a_machine_that_cannot_compile_gets_a_reason(tmp_path) -> None:
+    out = build_in_a_new_process(tmp_path, CXX=str(tmp_path / "no-such-compiler"))
+    assert out.startswith("unavailable: the native decoder kernels did not build in "
+                          + str(tmp_path / "kernels")), out
+
+
+def test_a_build_killed_earlier_does_not_block_the_next(tmp_path) -> None:
+    """torch's own lock file, left behind by a killed build, and half a library."""
+    folder = kernels.build_folder(tmp_path)
+    folder.mkdir(parents=True)
+    (folder / "lock").touch()
+    (folder / f"{kernels.LIBRARY}.so").write_bytes(b"\x7fELF cut short")
+    assert build_in_a_new_process(tmp_path) == "loaded\n"
+    assert build_in_a_new_process(tmp_path) == "loaded\n"  # the built library, loaded again

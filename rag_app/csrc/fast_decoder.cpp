@@ -34,8 +34,9 @@ constexpr int kMaxGroup = 8;     // query heads per key/value head
 
 // exp(x) for 16 floats: Cephes' polynomial on x = n ln 2 + r, scaled by 2^n (scalef).
 inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)),
-                    _mm512_set1_ps(-88.3762626647949f));
+  // min/max return their second operand when either is NaN: keep x second so NaN stays NaN
+  x = _mm512_max_ps(_mm512_set1_ps(-88.3762626647949f),
+                    _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -54,7 +55,10 @@ inline __m512 load_half(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
+constexpr float kHalfMax = 65504.f;  // float16 saturates here instead of becoming inf
+
 inline void store_half(at::Half* p, __m512 v) {
+  v = _mm512_max_ps(_mm512_set1_ps(-kHalfMax), _mm512_min_ps(_mm512_set1_ps(kHalfMax), v));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                       _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
@@ -64,8 +68,8 @@ inline void store_half(at::Half* p, __m512 v) {
 // output row. G is a template argument so that the accumulators live in registers.
 template <int G>
 void attend_chunk(const float* qh, const at::Half* Kh, const at::Half* Vh, int64_t D,
-                  int64_t L, int64_t n, int64_t valid_to_end, float* scores, float* out_max,
-                  float* out_sum, float* out) {
+                  int64_t L, int64_t n, float* scores, float* out_max, float* out_sum,
+                  float* out) {
   // scores[g][l] = q_g . k_l, PB vectors of 16 positions at a time (independent FMA chains)
   constexpr int PB = G <= 3 ? 4 : G <= 6 ? 2 : 1;
   for (int64_t l = 0; l < n; l += 16 * PB) {
@@ -75,12 +79,11 @@ void attend_chunk(const float* qh, const at::Half* Kh, const at::Half* Vh, int64
     for (int64_t d = 0; d < D; ++d) {
       __m512 k[PB];
       for (int b = 0; b < PB; ++b) {
-        const int64_t at = l + 16 * b;  // positions past the cache's end read as zeros
-        k[b] = at + 16 <= valid_to_end
-                   ? load_half(Kh + d * L + at)
-                   : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                         at >= valid_to_end ? 0 : static_cast<__mmask16>((1u << (valid_to_end - at)) - 1),
-                         Kh + d * L + at));
+        const int64_t at = l + 16 * b;  // positions past the chunk are not read: zeros
+        k[b] = at + 16 <= n ? load_half(Kh + d * L + at)
+                            : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                                  at >= n ? 0 : static_cast<__mmask16>((1u << (n - at)) - 1),
+                                  Kh + d * L + at));
       }
       for (int g = 0; g < G; ++g) {
         const __m512 qv = _mm512_set1_ps(qh[g * D + d]);
@@ -131,7 +134,7 @@ void attend_chunk(const float* qh, const at::Half* Kh, const at::Half* Vh, int64
 }
 
 using ChunkFn = void (*)(const float*, const at::Half*, const at::Half*, int64_t, int64_t,
-                         int64_t, int64_t, float*, float*, float*, float*);
+                         int64_t, float*, float*, float*, float*);
 constexpr ChunkFn kChunkFns[kMaxGroup] = {attend_chunk<1>, attend_chunk<2>, attend_chunk<3>,
                                           attend_chunk<4>, attend_chunk<5>, attend_chunk<6>,
                                           attend_chunk<7>, attend_chunk<8>};
@@ -145,7 +148,8 @@ void attend(const float* Q, const float* kp, const float* vp, at::Half* K, at::H
   const int64_t G = H / Hkv, T = pos + 1;
   const int64_t chunks = (T + kChunk - 1) / kChunk;
   for (int64_t h = 0; h < Hkv; ++h) {
-    for (int64_t d = 0; d < D; ++d) K[(h * D + d) * L + pos] = at::Half(kp[h * D + d]);
+    for (int64_t d = 0; d < D; ++d)
+      K[(h * D + d) * L + pos] = at::Half(std::clamp(kp[h * D + d], -kHalfMax, kHalfMax));
     for (int64_t d = 0; d < D; d += 16)
       store_half(V + (h * L + pos) * D + d, _mm512_loadu_ps(vp + h * D + d));
   }
@@ -159,7 +163,7 @@ void attend(const float* Q, const float* kp, const float* vp, at::Half* K, at::H
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task / chunks, l0 = task % chunks * kChunk;
       chunk_fn(Q + h * G * D, K + h * D * L + l0, V + (h * L + l0) * D, D, L,
-               std::min(kChunk, T - l0), L - l0, scores, part_max.data() + task * G,
+               std::min(kChunk, T - l0), scores, part_max.data() + task * G,
                part_sum.data() + task * G, part_out.data() + task * G * D);
     }
   });
@@ -191,6 +195,7 @@ void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t 
                   v_cache.is_contiguous(),
               "caches must be contiguous float16 tensors");
   const int64_t Hkv = v_cache.size(0), L = v_cache.size(1);
+  TORCH_CHECK(Hkv > 0 && H >= Hkv, "at least one key/value head, and no more than query heads");
   TORCH_CHECK(v_cache.size(2) == D && k_cache.size(0) == Hkv && k_cache.size(1) == D &&
                   k_cache.size(2) == L,
               "caches must be keys (Hkv, D, L) and values (Hkv, L, D)");
@@ -432,8 +437,24 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList weights, at::Ten
               "10 weights and 2 caches per layer");
   const int64_t C = x_in.size(1), H = heads, D = caches[1].size(2), Hkv = caches[1].size(0);
   TORCH_CHECK(cos.numel() == D && sin.numel() == D && cos.scalar_type() == at::kFloat &&
-                  sin.scalar_type() == at::kFloat,
-              "cos and sin must be float32 rows of the head size");
+                  sin.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous(),
+              "cos and sin must be contiguous float32 rows of the head size");
+  for (int64_t layer = 0; layer < layers; ++layer) {  // the shapes the loops below rely on
+    const at::Tensor* w = weights.data() + 10 * layer;
+    TORCH_CHECK(w[0].numel() == C && w[1].numel() == C && w[0].scalar_type() == at::kFloat &&
+                    w[1].scalar_type() == at::kFloat && w[0].is_contiguous() &&
+                    w[1].is_contiguous(),
+                "norm weights must be contiguous float32 vectors of the model width");
+    // scales and zeros are (in / 32, out, 2): check each product's in and out widths
+    const int64_t I2 = w[7].dim() == 3 ? w[7].size(1) : 0;
+    const int64_t widths[4][2] = {{C, (H + 2 * Hkv) * D}, {H * D, C}, {C, I2}, {I2 / 2, C}};
+    for (int p = 0; p < 4; ++p) {
+      const at::Tensor& sc = w[3 + 2 * p];
+      TORCH_CHECK(sc.dim() == 3 && sc.size(0) * 32 == widths[p][0] &&
+                      sc.size(1) == widths[p][1] && sc.size(2) == 2 && I2 % 2 == 0,
+                  "int4 scales of layer ", layer, " do not fit the model's shapes");
+    }
+  }
   at::Tensor x = x_in.contiguous().clone();
   float* X = x.data_ptr<float>();
   const auto bf16 = x.options().dtype(at::kBFloat16);
