@@ -192,22 +192,52 @@ class FastLlama:
                                           self.cos32[pos], self.sin32[pos], pos, self.heads,
                                           self.eps)
             return self._logits(F.rms_norm(x, (x.shape[-1],), self.norm32, self.eps))
-        hd = self.head_dim
         for layer, layer_cache in zip(self.layers, cache, strict=True):
-            h = F.rms_norm(x, (x.shape[-1],), layer["norm1"], self.eps)
-            qk, v = layer["qkv"](h).split([(self.heads + self.kv_heads) * hd,
-                                           self.kv_heads * hd], -1)
-            qk = self._rope(qk.view(t, self.heads + self.kv_heads, hd).transpose(0, 1), pos)
-            q, k = qk[:self.heads], qk[self.heads:]  # (H, T, hd), (Hkv, T, hd)
-            v = v.view(t, self.kv_heads, hd).transpose(0, 1)
-            x = x + layer["o"](self._attend(q, k, v, layer_cache, pos))
-            h = F.rms_norm(x, (x.shape[-1],), layer["norm2"], self.eps)
-            gate, up = layer["gate_up"](h).chunk(2, -1)
-            x = x + layer["down"](F.silu(gate) * up)
+            q, k, v = self._qkv(layer, x, pos)
+            x = self._rest(layer, x, self._attend(q, k, v, layer_cache, pos))
         last = F.rms_norm(x[-1:], (x.shape[-1],), self.norm, self.eps).float()  # (1, C)
         if t > 1:  # once per prompt: the exact float32 projection
             return F.linear(last, self.head)
         return self._logits(last)
+
+    def _qkv(self, layer: dict, x: torch.Tensor, pos: int) -> tuple[torch.Tensor, ...]:
+        """(T, C) -> rotated q (H, T, hd), k (Hkv, T, hd) and v (Hkv, T, hd)."""
+        t, hd = x.shape[0], self.head_dim
+        h = F.rms_norm(x, (x.shape[-1],), layer["norm1"], self.eps)
+        qk, v = layer["qkv"](h).split([(self.heads + self.kv_heads) * hd,
+                                       self.kv_heads * hd], -1)
+        qk = self._rope(qk.view(t, self.heads + self.kv_heads, hd).transpose(0, 1), pos)
+        return qk[:self.heads], qk[self.heads:], v.view(t, self.kv_heads, hd).transpose(0, 1)
+
+    def _rest(self, layer: dict, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The layer after attention: output projection, residual, MLP, residual."""
+        x = x + layer["o"](attended)
+        h = F.rms_norm(x, (x.shape[-1],), layer["norm2"], self.eps)
+        gate, up = layer["gate_up"](h).chunk(2, -1)
+        return x + layer["down"](F.silu(gate) * up)
+
+    @torch.inference_mode()
+    def prompt_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 logits (1, V) of the token after `ids` (T,), as the first decoding step
+        sees them."""
+        return self.forward(ids, self.new_cache(ids.shape[0]), 0)
+
+    @torch.inference_mode()
+    def attention_weights(self, ids: torch.Tensor, layer: int) -> torch.Tensor:
+        """(H, T, T) float32 causal attention weights of one layer over `ids` (T,), from the
+        same queries and keys as the prompt pass."""
+        t = ids.shape[0]
+        if t == 1:  # one token attends to itself alone
+            return torch.ones(self.heads, 1, 1)
+        x, cache = self.embed[ids], self.new_cache(t)
+        for i, params in enumerate(self.layers[:layer + 1]):
+            q, k, v = self._qkv(params, x, 0)
+            if i < layer:
+                x = self._rest(params, x, self._attend(q, k, v, cache[i], 0))
+        keys = k.float().repeat_interleave(self.heads // self.kv_heads, 0)  # (H, T, hd)
+        scores = q.float() @ keys.transpose(1, 2)  # the attention scale is in q already
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(-1)
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:
         """(1, C) float32 final hidden state of a decoding step -> (1, V) float32 logits."""

@@ -43,7 +43,10 @@ def next_token(lm: LocalLM, text: str, temperature: float = 1.0, top_k: int = 0,
     """The `n` likeliest next tokens with raw and processed probabilities."""
     ids = _ids(lm, text)
     with lm.gate.hold(), torch.inference_mode():  # after any generation in progress
-        logits = lm.model(ids).logits[:, -1, :].float()  # (1, vocab)
+        if lm.fast is not None:  # the network that writes the chat's answers
+            logits = lm.fast.prompt_logits(ids[0])
+        else:
+            logits = lm.model(ids).logits[:, -1, :].float()  # (1, vocab)
     warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
     if top_k > 0:
         warpers.append(TopKLogitsWarper(top_k))
@@ -75,6 +78,9 @@ def causal_mask(n: int) -> torch.Tensor:
 def attention(lm: LocalLM, text: str, layer: int, head: int) -> torch.Tensor:
     """Attention weights (T, T) of one layer and head; rows sum to 1 under the mask."""
     ids = _ids(lm, text)
+    if lm.fast is not None:
+        with lm.gate.hold():
+            return lm.fast.attention_weights(ids[0], layer)[head]
     # Holding the gate: no generation runs while the model is switched to eager attention.
     with lm.gate.hold(), torch.inference_mode():
         # Fused attention kernels do not return weights: use the eager path for this call.

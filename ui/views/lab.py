@@ -15,9 +15,8 @@ sidebar.render(services)
 st.title("GPT lab")
 with st.spinner("Loading the model…"):
     lm = services.lm
-fast = (" (its float32 network; the chat decodes with the same weights in int4 and bfloat16)"
-        if lm.engine == "fast" else "")
-st.caption(f"Look inside the local decoder-only model that writes the answers{fast}.")
+st.caption(f"Look inside the local decoder-only model that writes the answers "
+           f"({lm.name.rsplit('/', 1)[-1]}, {lm.dtype_name}).")
 history = state.messages()
 last = next((m["content"] for m in reversed(history) if m["role"] == "user"), None)
 if "lab_text" not in st.session_state:
