@@ -63,7 +63,7 @@ class RagAnswer:
                                              enumerate(self.sources, 1)],
             "cited": self.cited, "matched": self.matched, "model": meta.get("model_name"),
             "device": meta.get("device"),
-            "dtype": meta.get("dtype"), "timings": self.timings,
+            "dtype": meta.get("dtype"), "engine": meta.get("engine"), "timings": self.timings,
             "tokens": [{"text": t["text"], "prob": t["prob"]} for t in meta.get("tokens", [])],
             "mean_logprob": meta.get("mean_logprob"),
         }
@@ -208,7 +208,7 @@ class RagChain:
     def _model_meta(self) -> dict[str, Any]:
         lm = self.chat_model.lm
         return {"model_name": lm.name, "device": lm.device,
-                "dtype": lm.dtype_name}
+                "dtype": lm.dtype_name, "engine": lm.engine_name}
 
 
 def _condense(x: dict[str, Any]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import subprocess
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -253,7 +253,10 @@ def ui(port: Annotated[Optional[int], typer.Option()] = None) -> None:  # noqa: 
            "--server.maxUploadSize", str(settings.ui.max_upload_mb)]
     if state.get("config"):
         cmd += ["--", "--config", str(state["config"])]
-    raise typer.Exit(subprocess.call(cmd))
+    sys.stdout.flush()
+    # `rag ui` becomes the server, so a signal to it (Ctrl-C, a service manager's SIGTERM)
+    # reaches the server itself: a child process would outlive a terminated parent.
+    os.execv(sys.executable, cmd)
 
 
 app.command("eval")(eval_command)

@@ -96,6 +96,13 @@ class LocalLM:
             return "int4 weights, bfloat16"
         return str(self.dtype).removeprefix("torch.")
 
+    @property
+    def engine_name(self) -> str:
+        """Who decodes, as reported to users (`--json`'s "engine")."""
+        if self.fast is None:
+            return "transformers generate"
+        return f"fast decoder, {'native kernels' if self.fast.native else 'PyTorch operations'}"
+
     # -- tokens ---------------------------------------------------------------------------
     def encode_chat(self, messages: Sequence[Message]) -> dict[str, torch.Tensor]:
         if self.tokenizer.chat_template:

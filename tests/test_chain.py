@@ -39,7 +39,7 @@ def test_ask_demo_question_end_to_end(demo_index, demo_questions) -> None:
     assert all(s.keys() >= SOURCE_KEYS for s in out["sources"])
     assert out["answer"].strip() and result.found
     assert Path(out["sources"][0]["source"]).name == q["source"]
-    assert out["model"] and out["device"] == "cpu"
+    assert out["model"] and out["device"] == "cpu" and out["engine"].startswith("fast decoder")
     assert out["timings"]["tokens_per_s"] > 0 and out["tokens"]
     assert 0 < out["timings"]["retrieve_ms"] < out["timings"]["total_ms"]
     assert all(1 <= n <= len(out["sources"]) for n in out["cited"] + out["matched"])

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 RAG = str(Path(sys.executable).with_name("rag"))
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -69,6 +70,9 @@ def test_search_and_ask_json(demo_index, env) -> None:
     out = json.loads(r.stdout)
     assert {"answer", "sources", "cited", "model", "device", "timings", "tokens"} <= out.keys()
     assert out["answer"].strip() and out["device"] == "cpu"
+    assert out["dtype"] == "int4 weights, bfloat16"
+    native = torch.backends.cpu.get_cpu_capability() == "AVX512"  # built in the session cache
+    assert out["engine"] == f"fast decoder, {'native kernels' if native else 'PyTorch operations'}"
     assert {"retrieve_ms", "first_token_ms", "generate_ms", "tokens_per_s"} <= out[
         "timings"].keys()
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,13 +27,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(demo_index, env, tmp_path: Path, request):
-    demo_index.lm  # noqa: B018 - converted model in the session cache first
-    if getattr(request, "param", None) == "empty":
-        env.setenv("RAG_DB_URI", str(tmp_path / "fresh-db"))
+@contextmanager
+def ui_server(log_path: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A real `rag ui` on a free port, healthy; terminated (then killed) afterwards."""
     port = _free_port()
-    log = (tmp_path / "ui.log").open("w")
+    log = log_path.open("w")
     proc = subprocess.Popen([str(Path(sys.executable).with_name("rag")), "ui", "--port",
                              str(port)], stdout=log, stderr=subprocess.STDOUT, env=os.environ)
     url = f"http://127.0.0.1:{port}"
@@ -44,10 +44,34 @@ def server(demo_index, env, tmp_path: Path, request):
             time.sleep(0.5)
     else:
         proc.kill()
-        pytest.fail("the Streamlit server did not start: " + (tmp_path / "ui.log").read_text())
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+        pytest.fail("the Streamlit server did not start: " + log_path.read_text())
+    try:
+        yield proc, url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def server(demo_index, env, tmp_path: Path, request):
+    demo_index.lm  # noqa: B018 - converted model in the session cache first
+    if getattr(request, "param", None) == "empty":
+        env.setenv("RAG_DB_URI", str(tmp_path / "fresh-db"))
+    with ui_server(tmp_path / "ui.log") as (_, url):
+        yield url
+
+
+def test_terminating_rag_ui_stops_its_server(env, tmp_path: Path) -> None:
+    """A service manager's SIGTERM to `rag ui` must not leave a server behind it."""
+    with ui_server(tmp_path / "ui.log") as (proc, url):
+        proc.terminate()
+        assert proc.wait(timeout=30) is not None
+        with pytest.raises(OSError):
+            urllib.request.urlopen(url + "/_stcore/health", timeout=2)
 
 
 @pytest.fixture
