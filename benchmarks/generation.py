@@ -7,6 +7,7 @@ GGUF file when `llama-cpp-python` is installed (see the README for
 the build flags this machine's compiler needs). Prints a Markdown table.
 
     .venv/bin/python benchmarks/generation.py [--runs 3] [--new-tokens 128]
+    .venv/bin/python benchmarks/generation.py --beams 4 [--new-tokens 64]   # beam search only
 """
 
 from __future__ import annotations
@@ -80,11 +81,35 @@ def bench_llama_cpp(gguf: str, prompt_text: str, new_tokens: int, runs: int, thr
     return load_s, statistics.median(firsts), statistics.median(rates)
 
 
+def bench_beams(beams: int, new_tokens: int, runs: int) -> None:
+    """Beam search on the same prompt: the fast decoder's own loop against `generate`."""
+    settings = load_settings()
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads; {beams} beams, "
+          f"{new_tokens} new tokens, median of {runs}")
+    print("| backend | total s |")
+    print("|---|---|")
+    for name, update in (("fast decoder", {"engine": "fast"}),
+                         ("transformers float32", {"engine": "transformers",
+                                                   "dtype": "float32"})):
+        lm = LocalLM(settings.llm.model_copy(update=update))
+        options = settings.generation.model_copy(update={"max_new_tokens": new_tokens,
+                                                         "num_beams": beams})
+        messages = rag_messages(lm)
+        total = statistics.median(lm.generate(messages, options).total_s for _ in range(runs))
+        print(f"| {name} | {total:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help="default 128 (64 with --beams)")
+    parser.add_argument("--beams", type=int, default=0, help="time beam search instead")
     args = parser.parse_args()
+    if args.beams:
+        bench_beams(args.beams, args.new_tokens or 64, args.runs)
+        return
+    args.new_tokens = args.new_tokens or 128
     settings = load_settings()
     threads_all = torch.get_num_threads()
     rows = []

@@ -1,10 +1,11 @@
-"""The decoding loop of the fast CPU decoder, with transformers' own logits processors,
-stopping criteria and text streamer, so every strategy but beam search behaves as in
-`generate`: greedy, temperature, top-k, top-p, repetition penalty, seeds, stop strings."""
+"""The decoding loops of the fast CPU decoder, with transformers' own logits processors,
+stopping criteria and text streamer, so every strategy behaves as in `generate`: greedy,
+temperature, top-k, top-p, repetition penalty, seeds, stop strings, and beam search."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from transformers import (
@@ -59,6 +60,74 @@ def decode_steps(model: FastLlama, prompt: torch.Tensor, o: GenerationSettings,
         if token in eos or step + 1 == o.max_new_tokens or bool(stops(seq, scores).any()):
             return
         logits = model.forward(torch.tensor([token]), cache, seq.shape[1] - 1)
+
+
+@dataclass
+class _Beam:
+    ids: list[int]  # generated so far
+    logprob: float  # sum of the processed log-probabilities of `ids`
+    cache: list  # the decoder's key/value cache holding the prompt and ids[:-1]
+    logits: list[torch.Tensor] = field(default_factory=list)  # raw (1, V) before each id
+
+
+def beam_search(model: FastLlama, prompt: torch.Tensor, o: GenerationSettings,
+                stops: StoppingCriteriaList, eos: set[int]
+                ) -> tuple[list[int], list[torch.Tensor]]:
+    """Beam search as `generate` runs it with early stopping: `num_beams` hypotheses; at
+    each step the 2 x num_beams best continuations of all of them, by summed
+    log-probability; one that ends (end-of-sequence token or a stopping criterion) is kept
+    as finished with its score divided by its length ** length_penalty, and the search
+    stops once num_beams have finished or at max_new_tokens (the live ones then count as
+    finished). Returns the best hypothesis's ids and the raw logits before each of them.
+
+    Each hypothesis has its own key/value cache; one continued by several is copied.
+    """
+    procs, width, start = logits_processors(o), o.num_beams, prompt.shape[1]
+    cache = model.new_cache(start + o.max_new_tokens)
+    first = model.forward(prompt[0], cache, 0)
+    beams = [_Beam([], 0.0, cache, [first])]
+    finished: list[tuple[float, _Beam]] = []
+
+    def finish(beam: _Beam, ended: bool) -> None:
+        # as `generate`: an end-of-sequence token does not count in the length
+        length = max(1, len(beam.ids) - ended)
+        finished.append((beam.logprob / length ** o.length_penalty, beam))
+
+    prefix = prompt[0].tolist()
+
+    for step in range(o.max_new_tokens):
+        candidates = []  # (summed log-probability, parent, token)
+        for parent, beam in enumerate(beams):
+            seq = torch.cat([prompt, torch.tensor([beam.ids], dtype=prompt.dtype)], 1)
+            logp = torch.log_softmax(procs(seq, beam.logits[-1].clone()), -1)[0]
+            top = logp.topk(2 * width)
+            candidates += [(beam.logprob + float(lp), parent, int(t))
+                           for lp, t in zip(top.values, top.indices, strict=True)]
+        candidates.sort(key=lambda c: -c[0])
+        live, used = [], set()
+        for rank, (logprob, parent, token) in enumerate(candidates[:2 * width]):
+            source = beams[parent]
+            child = _Beam(source.ids + [token], logprob, source.cache, source.logits[:])
+            ended = token in eos
+            if ended or bool(stops(torch.tensor([prefix + child.ids]), None).any()):
+                if rank < width:  # as `generate`: only ends among the top width count
+                    finish(child, ended)
+                continue
+            if len(live) < width:
+                if parent in used:  # a second child of this parent: its own cache
+                    child.cache = model.copy_cache(source.cache)
+                used.add(parent)
+                live.append(child)
+        if len(finished) >= width or step + 1 == o.max_new_tokens or not live:
+            break
+        for beam in live:
+            beam.logits.append(model.forward(torch.tensor(beam.ids[-1:]), beam.cache,
+                                             start + len(beam.ids) - 1))
+        beams = live
+    for beam in live if len(finished) < width else []:
+        finish(beam, False)
+    best = max(finished, key=lambda f: f[0])[1]
+    return best.ids, best.logits[:len(best.ids)]
 
 
 class TextPieces(TextStreamer):

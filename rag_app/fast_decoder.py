@@ -155,6 +155,11 @@ class FastLlama:
                  torch.empty(self.kv_heads, length, self.head_dim, dtype=dtype))
                 for _ in self.layers]
 
+    @staticmethod
+    def copy_cache(cache: list[tuple[torch.Tensor, torch.Tensor]]
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(k.clone(), v.clone()) for k, v in cache]
+
     def _rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:  # (H, T, hd)
         t, half = x.shape[1], self.head_dim // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], -1)

@@ -30,7 +30,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from rag_app import fast_decoder, kernels
-from rag_app.decoding import TextPieces, decode_steps
+from rag_app.decoding import TextPieces, beam_search, decode_steps
 from rag_app.device import resolve_device, resolve_dtype
 from rag_app.errors import ModelLoadError
 from rag_app.gate import FairGate
@@ -122,7 +122,7 @@ class LocalLM:
                stop: Sequence[str] | None = None) -> Iterator[str | Generation]:
         """Yield text pieces as they are decoded, then one final `Generation`.
 
-        Beam search cannot stream (transformers keeps several hypotheses until the end):
+        Beam search cannot stream (it keeps several hypotheses until the end):
         it yields its final text as one piece.
         """
         enc = self.encode_chat(messages)
@@ -133,6 +133,17 @@ class LocalLM:
         started = time.perf_counter()
         if self.fast is not None and options.num_beams == 1:
             yield from self._stream_fast(enc, options, stop, started)
+            return
+        if self.fast is not None:
+            prompt = enc["input_ids"]
+            ids, logits = beam_search(self.fast, prompt, options,
+                                      self._fast_stops(options, prompt_len, stop),
+                                      self._eos_ids())
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            elapsed = time.perf_counter() - started
+            yield text
+            yield Generation(text, self._probs_from_logits(torch.tensor(ids), logits),
+                             prompt_len, elapsed, elapsed, streamed=False, token_ids=ids)
             return
         if options.num_beams > 1:
             with torch.inference_mode():
@@ -192,11 +203,7 @@ class LocalLM:
         """The fast decoder's loop; closing this generator stops decoding."""
         assert self.fast is not None
         prompt = enc["input_ids"]
-        stops = self._stops(options, prompt.shape[1])
-        if stop:
-            stops.append(StopStringCriteria(self.tokenizer, list(stop)))
-        eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
-        eos_ids = set(eos) if isinstance(eos, list) else {eos}
+        stops, eos_ids = self._fast_stops(options, prompt.shape[1], stop), self._eos_ids()
         ids: list[int] = []
         logits: list[torch.Tensor] = []
 
@@ -231,6 +238,18 @@ class LocalLM:
                 final = item
         assert final is not None
         return final
+
+    def _fast_stops(self, o: GenerationSettings, prompt_len: int,
+                    stop: Sequence[str] | None) -> StoppingCriteriaList:
+        """The fast decoder's stopping criteria: `_stops` and the stop strings."""
+        stops = self._stops(o, prompt_len)
+        if stop:
+            stops.append(StopStringCriteria(self.tokenizer, list(stop)))
+        return stops
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
+        return set(eos) if isinstance(eos, list) else {eos}
 
     @staticmethod
     def _stops(o: GenerationSettings, prompt_len: int) -> StoppingCriteriaList:

@@ -111,8 +111,8 @@ class LLMSettings(BaseModel):
     engine: Literal["auto", "transformers", "fast"] = Field(
         "auto", description="Who decodes: transformers' generate, or the fast CPU decoder "
         "for Llama-architecture models (int4 weights, bfloat16; rag_app/fast_decoder.py). "
-        "auto = fast on CPU when the model supports it and llm.dtype is auto; beam search "
-        "always uses transformers.")
+        "auto = fast on CPU when the model supports it and llm.dtype is auto (every "
+        "strategy, beam search included).")
     kernels: Literal["auto", "native", "torch"] = Field(
         "auto", description="How the fast decoder runs a decoding step: native (one C++ call "
         "through all layers, attention over a float16 key/value cache, AVX-512; compiled "

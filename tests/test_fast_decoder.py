@@ -4,10 +4,15 @@ logits, and its network against the transformers model it was built from."""
 
 from __future__ import annotations
 
+import copy
+import inspect
+
 import pytest
 import torch
 from prompts import QA, STORY, replay
+from transformers import DynamicCache, StoppingCriteriaList
 
+from rag_app.decoding import beam_search
 from rag_app.errors import ModelLoadError
 from rag_app.fast_decoder import supports
 from rag_app.llm import Generation, LocalLM
@@ -105,6 +110,53 @@ def test_other_architectures_fall_back_to_transformers(lm: LocalLM, tmp_path) ->
         LocalLM(LLMSettings(model=str(tmp_path), engine="fast", cache_dir=tmp_path))
 
 
-def test_beam_search_uses_transformers(lm: LocalLM) -> None:
-    gen = lm.generate(QA, opts(num_beams=2, max_new_tokens=12))
-    assert not gen.streamed and gen.token_ids and gen.tokens
+class TransformersStepper:
+    """The transformers model behind the decoder's stepping interface (forward, new_cache,
+    copy_cache), so that `beam_search` can run over the very network `generate` uses."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        # transformers renamed the argument (`cache` from 5.x, `past_key_values` before)
+        names = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in names else "past_key_values"
+
+    def new_cache(self, length: int) -> list:
+        return [DynamicCache()]
+
+    def copy_cache(self, cache: list) -> list:
+        return [copy.deepcopy(cache[0])]
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache: list, pos: int) -> torch.Tensor:
+        out = self.model(input_ids=ids[None], use_cache=True, **{self.cache_arg: cache[0]})
+        return out.logits[:, -1].float()
+
+
+@pytest.mark.parametrize("width", [2, 4])
+def test_beam_search_is_generates_beam_search(lm: LocalLM, width: int) -> None:
+    """Over the same float32 network, token for token, for an answer that ends (QA) and one
+    cut at max_new_tokens (STORY), with and without a length penalty."""
+    stepper = TransformersStepper(lm.model)
+    for messages in (QA, STORY):
+        for penalty in (1.0, 0.5):
+            o = opts(num_beams=width, length_penalty=penalty)
+            prompt = lm.encode_chat(messages)["input_ids"]
+            ours, _ = beam_search(stepper, prompt, o, StoppingCriteriaList(), lm._eos_ids())
+            with torch.inference_mode():
+                out = lm.model.generate(prompt, generation_config=lm._generation_config(o, None))
+            assert ours == out.sequences[0, prompt.shape[1]:].tolist()
+
+
+def test_beam_search_runs_on_the_fast_decoder(lm: LocalLM) -> None:
+    """Not streamed; its probabilities are the decoder's own; on this prompt four beams find
+    a likelier continuation than greedy (not a theorem: the greedy path can fall off)."""
+    beam = lm.generate(STORY, opts(num_beams=4))
+    assert not beam.streamed and len(beam.token_ids) == N
+    prompt = lm.encode_chat(STORY)["input_ids"][0]
+    logp = torch.log_softmax(replay(lm.fast, prompt, beam.token_ids), -1)
+    assert [t.prob for t in beam.tokens] == pytest.approx(
+        logp.exp()[torch.arange(N), beam.token_ids].tolist(), abs=1e-5)
+    greedy = lm.generate(STORY, opts()).token_ids
+    greedy_logp = torch.log_softmax(replay(lm.fast, prompt, greedy), -1)
+    assert (logp[torch.arange(N), beam.token_ids].sum()
+            > greedy_logp[torch.arange(N), greedy].sum())
