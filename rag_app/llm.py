@@ -66,6 +66,10 @@ class Generation:
 
     @property
     def tokens_per_s(self) -> float:
+        """Decoding speed after the first token; for beam search, which has no first token
+        of its own, the whole answer's."""
+        if not self.streamed:
+            return len(self.token_ids) / self.total_s if self.total_s > 0 else 0.0
         decode_s = self.total_s - self.first_token_s
         return (len(self.tokens) - 1) / decode_s if len(self.tokens) > 1 and decode_s > 0 else 0.0
 

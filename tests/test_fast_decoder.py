@@ -152,6 +152,7 @@ def test_beam_search_runs_on_the_fast_decoder(lm: LocalLM) -> None:
     a likelier continuation than greedy (not a theorem: the greedy path can fall off)."""
     beam = lm.generate(STORY, opts(num_beams=4))
     assert not beam.streamed and len(beam.token_ids) == N
+    assert beam.tokens_per_s == pytest.approx(N / beam.total_s)
     prompt = lm.encode_chat(STORY)["input_ids"][0]
     logp = torch.log_softmax(replay(lm.fast, prompt, beam.token_ids), -1)
     assert [t.prob for t in beam.tokens] == pytest.approx(
