@@ -18,7 +18,7 @@ from langchain_core.documents import Document
 from langchain_core.messages import AIMessageChunk
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda, RunnablePassthrough
 
-from rag_app.chat_model import LocalChatModel, generation_options
+from rag_app.chat_model import LocalChatModel, generation_options, model_metadata
 from rag_app.citations import match_sources
 from rag_app.prompt import (
     NOT_FOUND,
@@ -185,7 +185,8 @@ class RagChain:
         cited = parse_citations(answer, len(docs)) if found else []
         yield RagAnswer(
             question, query, answer, docs, cited, found,
-            {**(self._model_meta() if found else {"model_name": self.model_name}), **meta},
+            {**(model_metadata(self.chat_model.lm) if found else
+                {"model_name": self.model_name}), **meta},
             {"retrieve_ms": (retrieved_at - started) * 1000, "queue_ms": queue_ms,
              "first_token_ms": meta.get("first_token_ms", 0.0),
              "generate_ms": meta.get("generate_ms", 0.0),
@@ -204,12 +205,6 @@ class RagChain:
             return []
         return match_sources(answer, query, [d.page_content for d in docs], cited,
                              self.citations.min_overlap)
-
-    def _model_meta(self) -> dict[str, Any]:
-        lm = self.chat_model.lm
-        return {"model_name": lm.name, "device": lm.device,
-                "dtype": lm.dtype_name, "engine": lm.engine_name}
-
 
 def _condense(x: dict[str, Any]) -> str:
     return condense_question(x["question"], x.get("history", []))

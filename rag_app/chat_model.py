@@ -35,9 +35,15 @@ def generation_options(base: GenerationSettings, overrides: dict[str, Any]) -> G
                             ) from e
 
 
+def model_metadata(lm: LocalLM) -> dict[str, Any]:
+    """Which model answered, where, in what, decoded by whom."""
+    return {"model_name": lm.name, "device": lm.device, "dtype": lm.dtype_name,
+            "engine": lm.engine_name}
+
+
 def generation_metadata(lm: LocalLM, gen: Generation) -> dict[str, Any]:
     return {
-        "model_name": lm.name, "device": lm.device, "dtype": lm.dtype_name,
+        **model_metadata(lm),
         "streamed": gen.streamed,
         "tokens": [{"text": t.text, "prob": t.prob, "top": t.top} for t in gen.tokens],
         "mean_logprob": gen.mean_logprob,

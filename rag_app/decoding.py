@@ -109,7 +109,7 @@ def beam_search(model: FastLlama, prompt: torch.Tensor, o: GenerationSettings,
             source = beams[parent]
             child = _Beam(source.ids + [token], logprob, source.cache, source.logits[:])
             ended = token in eos
-            if ended or bool(stops(torch.tensor([prefix + child.ids]), None).any()):
+            if ended or (stops and bool(stops(torch.tensor([prefix + child.ids]), None).any())):
                 if rank < width:  # as `generate`: only ends among the top width count
                     finish(child, ended)
                 continue
