@@ -261,5 +261,55 @@ def ui(port: Annotated[Optional[int], typer.Option()] = None) -> None:  # noqa: 
 
 app.command("eval")(eval_command)
 
+
+@app.command()
+def tune(
+    out: Annotated[Path, typer.Argument(help="Output folder: the adapter, checkpoint, report.")],
+    data: Annotated[Path, typer.Option(
+        "--data", help="qa-pool folder (questions.jsonl + contexts.jsonl).")],
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps.")] = 300,
+    max_minutes: Annotated[Optional[float], typer.Option(  # noqa: UP045
+        "--max-minutes", help="Stop (and save) once training has run this long.")] = None,
+    examples: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--examples", min=1, help="Distinct training questions (default: all).")] = None,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="torch CPU threads.")] = 1,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the last checkpoint.")]
+    = False,
+    accumulate: Annotated[int, typer.Option("--accumulate", min=1,
+                                            help="Examples per optimizer step.")] = 8,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 2e-4,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=64,
+                                            help="Longest example, in tokens.")] = 512,
+    words: Annotated[tuple[int, int], typer.Option(
+        "--words", help="Passage window, shortest and longest, in words.")] = (60, 90),
+    val_examples: Annotated[int, typer.Option("--val-examples", min=0,
+                                              help="Held-out examples.")] = 200,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1)] = 10,
+    eval_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        "--eval", help="Also answer this BEIR QA set with the base model and the adapter.")]
+    = None,
+    eval_limit: Annotated[int, typer.Option("--eval-limit", min=1)] = 50,
+) -> None:
+    """Fine-tune a LoRA adapter of llm.model to answer from numbered sources with [n]."""
+    from rag_app.tune import TuneOptions, format_tune_report
+    from rag_app.tune import tune as run_tune
+    from rag_app.tune_eval import compare_answers
+
+    opts = TuneOptions(data, out, steps=steps, max_minutes=max_minutes, examples=examples,
+                       threads=threads, seed=seed, resume=resume, accumulate=accumulate,
+                       lr=lr, max_tokens=max_tokens, words=tuple(words),
+                       val_examples=val_examples, checkpoint_every=checkpoint_every)
+    try:
+        settings = _settings()
+        report = run_tune(settings, opts)
+        typer.echo(format_tune_report(report))
+        if eval_dir is not None and not report.interrupted:
+            typer.echo(compare_answers(settings, out, eval_dir, eval_limit))
+    except RagError as e:
+        raise _fail(e) from None
+    if report.interrupted:
+        raise typer.Exit(130)
+
 if __name__ == "__main__":
     app()

@@ -45,3 +45,7 @@ class MissingDependencyError(RagError):
 
 class ClusterError(RagError):
     """The Ray cluster of `ingestion.engine=ray` cannot be reached."""
+
+
+class TuneError(RagError):
+    """`rag tune` cannot use its training data, checkpoint or output folder."""
