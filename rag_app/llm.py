@@ -30,6 +30,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from rag_app import fast_decoder, kernels
+from rag_app.adapter import apply_adapter
 from rag_app.decoding import TextPieces, beam_search, decode_steps
 from rag_app.device import resolve_device, resolve_dtype
 from rag_app.errors import ModelLoadError
@@ -374,7 +375,7 @@ def _load(settings: LLMSettings, device: str, dtype: torch.dtype
         raise ModelLoadError(
             f"out of memory loading llm.model={settings.model!r} on {device}; choose a "
             "smaller llm.model, llm.dtype=bfloat16, or llm.device=cpu") from e
-    return model, tokenizer
+    return apply_adapter(model, settings), tokenizer
 
 
 def quantization_config(mode: str, device: str, dtype: torch.dtype) -> Any:

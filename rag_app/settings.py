@@ -127,6 +127,10 @@ class LLMSettings(BaseModel):
         description="Where converted GGUF models and the compiled decoder kernels are "
         "saved so later starts are fast.",
     )
+    adapter: str | None = Field(
+        None, description="A peft LoRA adapter for llm.model, merged into its weights at "
+        "load: a folder (as `rag tune` writes it), `package:rag_app/adapters/NAME` for one "
+        "shipped with the app, or None for the model as it is.")
 
 
 class RetrievalSettings(BaseModel):
