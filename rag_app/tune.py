@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -16,19 +15,16 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm import tqdm
 
 from rag_app.device import resolve_device
-from rag_app.errors import TuneError
 from rag_app.settings import Settings
+from rag_app.tune_checkpoint import load_checkpoint, restore, save_checkpoint
 from rag_app.tune_data import IGNORE, Encoded, ExampleSet, encode_fitting, load_pool, split
 
 log = logging.getLogger(__name__)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CHECKPOINT = "checkpoint"
-STATE = "state.pt"
 # What must not change between a run and its --resume: the data and the recipe.
 SAME_ON_RESUME = ("seed", "examples", "accumulate", "lr", "max_tokens", "rank", "words")
 
@@ -156,63 +152,6 @@ def _recipe(opts: TuneOptions) -> dict[str, Any]:
     return {k: getattr(opts, k) for k in SAME_ON_RESUME}
 
 
-def save_checkpoint(model: PeftModel, optimizer: Any, scheduler: Any, state: dict[str, Any],
-                    opts: TuneOptions) -> Path:
-    """Adapter weights, optimizer, scheduler, step, data position and RNG, written to a
-    .partial folder then renamed: a crash never leaves a half-written checkpoint."""
-    target = opts.out / CHECKPOINT
-    tmp = opts.out / (CHECKPOINT + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({
-        "adapter": get_peft_model_state_dict(model),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "recipe": _recipe(opts),
-        **state,
-    }, tmp / STATE)
-    old = opts.out / (CHECKPOINT + ".old")
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def load_checkpoint(opts: TuneOptions) -> dict[str, Any]:
-    """The last checkpoint of `opts.out`; a one-line TuneError for a missing, corrupt or
-    incompatible one."""
-    path = opts.out / CHECKPOINT / STATE
-    if not path.is_file():
-        raise TuneError(f"{path}: no checkpoint to resume (run without --resume first)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        step, recipe = int(ckpt["step"]), dict(ckpt["recipe"])
-    except Exception as e:  # torch raises many kinds for a damaged file
-        raise TuneError(f"{path}: corrupt checkpoint ({type(e).__name__}); delete "
-                        f"{path.parent} to start again") from e
-    changed = [k for k in SAME_ON_RESUME if recipe.get(k) != getattr(opts, k)]
-    if changed:
-        raise TuneError(f"{path}: written with other {', '.join(changed)} "
-                        f"({', '.join(f'{k}={recipe.get(k)}' for k in changed)}); resume with "
-                        "the same options")
-    if step >= opts.steps:
-        log.warning("checkpoint is at step %d of %d: nothing left to train", step, opts.steps)
-    return ckpt
-
-
-def _restore(ckpt: dict[str, Any], model: PeftModel, optimizer: Any, scheduler: Any
-             ) -> None:
-    set_peft_model_state_dict(model, ckpt["adapter"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    torch.set_rng_state(ckpt["torch_rng"])
-    if torch.cuda.is_available() and ckpt["cuda_rng"]:
-        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-
-
 def tune(settings: Settings, opts: TuneOptions) -> TuneReport:
     """Train a LoRA adapter for settings.llm.model; write it to `opts.out` (peft's
     save_pretrained: adapter_config.json + adapter_model.safetensors) with a report.json."""
@@ -222,7 +161,7 @@ def tune(settings: Settings, opts: TuneOptions) -> TuneReport:
     train_set, val = split(questions, contexts, opts.seed, opts.val_examples, opts.words)
     if opts.examples:
         train_set.questions = train_set.questions[:opts.examples]
-    ckpt = load_checkpoint(opts) if opts.resume else None
+    ckpt = load_checkpoint(opts.out, _recipe(opts), opts.steps) if opts.resume else None
     opts.out.mkdir(parents=True, exist_ok=True)
     base, tokenizer, device = load_base(settings)
     model = add_lora(base, opts)
@@ -234,7 +173,7 @@ def tune(settings: Settings, opts: TuneOptions) -> TuneReport:
     state = {"step": 0, "position": 0, "train_s": 0.0, "losses": [],
              "val_loss_before": None}
     if ckpt is not None:
-        _restore(ckpt, model, optimizer, scheduler)
+        restore(ckpt, model, optimizer, scheduler)
         state = {k: ckpt[k] for k in state}
         log.info("resuming at step %d (example %d)", state["step"], state["position"])
     else:
@@ -287,7 +226,7 @@ def _train_loop(model: PeftModel, tokenizer: Any, examples: ExampleSet, optimize
             bar.update()
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
             if state["step"] % opts.checkpoint_every == 0:
-                save_checkpoint(model, optimizer, scheduler, state, opts)
+                save_checkpoint(model, optimizer, scheduler, state, opts.out, _recipe(opts))
             minutes = (time.perf_counter() - started) / 60
             if opts.max_minutes is not None and minutes >= opts.max_minutes:
                 timed_out = True
@@ -299,7 +238,7 @@ def _train_loop(model: PeftModel, tokenizer: Any, examples: ExampleSet, optimize
         interrupted = True
     finally:
         bar.close()
-    save_checkpoint(model, optimizer, scheduler, state, opts)
+    save_checkpoint(model, optimizer, scheduler, state, opts.out, _recipe(opts))
     done = state["step"] - start_step
     return TuneReport(opts.out, state["step"], opts.steps, state["position"],
                       state["train_s"], None if not done else
