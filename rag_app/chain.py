@@ -20,11 +20,13 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda, R
 
 from rag_app.chat_model import LocalChatModel, generation_options, model_metadata
 from rag_app.citations import match_sources
+from rag_app.grounded import Grounding, Span, locate_span, strip_end
 from rag_app.prompt import (
     NOT_FOUND,
     build_messages,
     condense_question,
     fit_sources,
+    is_follow_up,
     parse_citations,
 )
 from rag_app.retriever import LanceRetriever
@@ -43,6 +45,22 @@ class Waiting:
     ahead: int
 
 
+# Why an answer is "not found" (RagAnswer.refusal)
+NO_PASSAGE = "no passage of your documents is relevant enough to the question"
+NO_ANSWER = "the model found no answer in the passages"
+LOW_CONFIDENCE = "the passage the model copied from is an unlikely answer"
+FOLLOWS_NOT_FOUND = "it follows a question whose answer is not in your documents"
+
+
+@dataclass(frozen=True)
+class Turn:
+    """An earlier question of the conversation: the query searched, and whether it was
+    answered (a follow-up of an unanswered question cannot be answered either)."""
+
+    query: str
+    found: bool = True
+
+
 @dataclass
 class RagAnswer:
     question: str
@@ -54,13 +72,18 @@ class RagAnswer:
     metadata: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     matched: list[int] = field(default_factory=list)  # uncited sentences' sources, by the app
+    spans: list[Span] = field(default_factory=list)  # grounded: what was copied, from where
+    refusal: str | None = None  # why the answer is "not found" (None: it was found)
+    confidence: float | None = None  # grounded: the copied span's mean token probability
 
     def to_json(self) -> dict[str, Any]:
         meta = self.metadata
         return {
             "question": self.question, "query": self.query, "answer": self.answer,
-            "found": self.found, "sources": [source_json(n, d) for n, d in
-                                             enumerate(self.sources, 1)],
+            "found": self.found, "refusal": self.refusal, "confidence": self.confidence,
+            "spans": [{"n": s.n, "start": s.start, "end": s.end, "text": s.text}
+                      for s in self.spans],
+            "sources": [source_json(n, d) for n, d in enumerate(self.sources, 1)],
             "cited": self.cited, "matched": self.matched, "model": meta.get("model_name"),
             "device": meta.get("device"),
             "dtype": meta.get("dtype"), "engine": meta.get("engine"), "timings": self.timings,
@@ -100,6 +123,8 @@ class RagChain:
         )
 
     def _retrieve(self, x: dict[str, Any], config: RunnableConfig) -> list[Document]:
+        if x.get("orphan"):  # leans on a question that found nothing: nothing to lean on
+            return []
         opts = {k: x[k] for k in RETRIEVAL_KEYS if x.get(k) is not None}
         return self.retriever.invoke(x["query"], config, **opts)
 
@@ -125,6 +150,9 @@ class RagChain:
             yield AIMessageChunk(content=NOT_FOUND, response_metadata={"not_found": True})
             return
         overrides = {k: v for k, v in x.get("generation", {}).items() if v is not None}
+        if generation_options(self.generation, overrides).answer_mode == "grounded":
+            overrides["grounding"] = Grounding([d.page_content for d in x["docs"]],
+                                               [NOT_FOUND])
         gate = self.chat_model.lm.gate
         ticket = gate.enter()
         entered = time.perf_counter()
@@ -144,17 +172,21 @@ class RagChain:
             gate.leave(ticket)
 
     # -- convenience over the runnable ----------------------------------------------------
-    def stream_events(self, question: str, history: Sequence[str] = (), **options: Any
-                      ) -> Iterator[list[Document] | Waiting | str | RagAnswer]:
+    def stream_events(self, question: str, history: Sequence[str | Turn] = (),
+                      **options: Any) -> Iterator[list[Document] | Waiting | str | RagAnswer]:
         """Yield the sources (a list) once retrieved, `Waiting` events while other requests
         hold the model, then answer text pieces, then RagAnswer.
 
-        `history`: the earlier (standalone) queries of this conversation, oldest first; a
-        follow-up is rewritten into a standalone query with them before retrieval.
+        `history`: the earlier turns (or their standalone queries) of this conversation,
+        oldest first; a follow-up is rewritten into a standalone query with them before
+        retrieval, and a follow-up of a question that found nothing finds nothing either.
         """
         started = time.perf_counter()
-        inputs = {"question": question, "history": list(history), **_split_options(options)}
-        generation_options(self.generation, inputs["generation"])  # fail early
+        turns = [t if isinstance(t, Turn) else Turn(t) for t in history]
+        orphan = bool(turns) and not turns[-1].found and is_follow_up(question)
+        inputs = {"question": question, "history": [t.query for t in turns], "orphan": orphan,
+                  **_split_options(options)}
+        options_now = generation_options(self.generation, inputs["generation"])  # fail early
         docs: list[Document] = []
         query = question
         pieces: list[str] = []
@@ -180,21 +212,46 @@ class RagChain:
                     pieces.append(chunk["answer"].text)
                     yield chunk["answer"].text
         meta = dict(message.response_metadata) if message else {}
-        answer = "".join(pieces).strip()
-        found = not meta.get("not_found")
-        cited = parse_citations(answer, len(docs)) if found else []
-        yield RagAnswer(
-            question, query, answer, docs, cited, found,
-            {**(model_metadata(self.chat_model.lm) if found else
+        called = not meta.get("not_found")
+        out = RagAnswer(
+            question, query, "".join(pieces).strip(), docs, [], called,
+            {**(model_metadata(self.chat_model.lm) if called else
                 {"model_name": self.model_name}), **meta},
             {"retrieve_ms": (retrieved_at - started) * 1000, "queue_ms": queue_ms,
              "first_token_ms": meta.get("first_token_ms", 0.0),
              "generate_ms": meta.get("generate_ms", 0.0),
              "tokens_per_s": meta.get("tokens_per_s", 0.0),
-             "total_ms": (time.perf_counter() - started) * 1000},
-            self._match(answer, query, docs, cited) if found else [])
+             "total_ms": (time.perf_counter() - started) * 1000})
+        if not called:
+            out.refusal = FOLLOWS_NOT_FOUND if orphan else NO_PASSAGE
+        elif options_now.answer_mode == "grounded":
+            self._ground(out, options_now.min_span_prob)
+        else:
+            out.cited = parse_citations(out.answer, len(docs))
+            out.matched = self._match(out.answer, query, docs, out.cited)
+            if NOT_FOUND.lower() in out.answer.lower():
+                out.found, out.refusal = False, NO_ANSWER
+        yield out
 
-    def answer(self, question: str, history: Sequence[str] = (), **options: Any) -> RagAnswer:
+    @staticmethod
+    def _ground(out: RagAnswer, min_prob: float) -> None:
+        """A grounded answer: locate the copied span and cite its source, or refuse when the
+        model chose the "not found" reply or its span is too unlikely."""
+        text = strip_end(out.answer)
+        probs = [t["prob"] for t in out.metadata.get("tokens", [])
+                 if t["text"].strip() not in ("[", "")]
+        out.confidence = sum(probs) / len(probs) if probs else None
+        span = locate_span(text, [d.page_content for d in out.sources])
+        if text == NOT_FOUND or span is None:
+            out.answer, out.found, out.refusal = NOT_FOUND, False, NO_ANSWER
+        elif out.confidence is not None and out.confidence < min_prob:
+            out.answer, out.found, out.refusal = NOT_FOUND, False, LOW_CONFIDENCE
+        else:
+            out.spans, out.cited = [span], [span.n]
+            out.answer = f"{text} [{span.n}]"
+
+    def answer(self, question: str, history: Sequence[str | Turn] = (), **options: Any
+               ) -> RagAnswer:
         *_, final = self.stream_events(question, history, **options)
         assert isinstance(final, RagAnswer)
         return final

@@ -116,8 +116,10 @@ class LocalChatModel(BaseChatModel):
         self, messages: list[BaseMessage], stop: list[str] | None = None,
         run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        grounding = kwargs.pop("grounding", None)  # rag_app.grounded.Grounding, from the chain
         options = self._options(kwargs)
-        for item in self.lm.stream(to_chat_messages(messages), options, self._stops(stop)):
+        for item in self.lm.stream(to_chat_messages(messages), options, self._stops(stop),
+                                   grounding):
             if isinstance(item, Generation):
                 chunk = AIMessageChunk(content="", usage_metadata=_usage(item),
                                        response_metadata=generation_metadata(self.lm, item),

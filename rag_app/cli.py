@@ -183,11 +183,12 @@ def ask(
         if (num_beams or 1) > 1 and not as_json:
             typer.secho("beam search is not streamed: the answer appears when it is done",
                         dim=True, err=True)
-        result = None
+        result, streamed = None, []
         for event in chain.stream_events(question, **options):
             if isinstance(event, RagAnswer):
                 result = event
             elif isinstance(event, str) and not as_json:
+                streamed.append(event)
                 typer.echo(event, nl=False)
     except RagError as e:
         raise _fail(e) from None
@@ -196,6 +197,10 @@ def ask(
         _print_json(result.to_json())
         return
     typer.echo("")
+    if result.answer != "".join(streamed).strip():  # cited, or refused, after the copy
+        typer.echo(f"-> {result.answer}")
+    if result.refusal:
+        typer.secho(f"(why: {result.refusal})", dim=True, err=True)
     out = result.to_json()
     for s in out["sources"]:
         mark = "*" if s["n"] in out["cited"] else "~" if s["n"] in out["matched"] else " "

@@ -4,11 +4,12 @@ temperature, top-k, top-p, repetition penalty, seeds, stop strings, and beam sea
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import (
+    LogitsProcessor,
     LogitsProcessorList,
     PreTrainedTokenizerBase,
     RepetitionPenaltyLogitsProcessor,
@@ -23,9 +24,12 @@ from rag_app.fast_decoder import FastLlama
 from rag_app.settings import GenerationSettings
 
 
-def logits_processors(o: GenerationSettings) -> LogitsProcessorList:
-    """The processors `generate` builds for these options, in its order."""
-    procs = LogitsProcessorList()
+def logits_processors(o: GenerationSettings, first: Sequence[LogitsProcessor] = ()
+                      ) -> LogitsProcessorList:
+    """The processors `generate` builds for these options, in its order, after `first`
+    (the grounded mask goes before the sampling warpers, so they never see a token it
+    forbids)."""
+    procs = LogitsProcessorList(first)
     if o.repetition_penalty != 1.0:
         procs.append(RepetitionPenaltyLogitsProcessor(o.repetition_penalty))
     if o.do_sample:
@@ -39,13 +43,14 @@ def logits_processors(o: GenerationSettings) -> LogitsProcessorList:
 
 
 def decode_steps(model: FastLlama, prompt: torch.Tensor, o: GenerationSettings,
-                 stops: StoppingCriteriaList, eos: set[int]) -> Iterator[tuple[int, torch.Tensor]]:
+                 stops: StoppingCriteriaList, eos: set[int],
+                 first: Sequence[LogitsProcessor] = ()) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (token id, the model's raw logits (1, V) it was chosen from) for each new token,
     until an end-of-sequence token, a stopping criterion or `max_new_tokens`.
 
     `prompt`: (1, T) token ids. Closing the iterator stops decoding at once.
     """
-    procs = logits_processors(o)
+    procs = logits_processors(o, first)
     seq = prompt
     cache = model.new_cache(prompt.shape[1] + o.max_new_tokens)
     logits = model.forward(prompt[0], cache, 0)  # (1, V)
@@ -71,8 +76,8 @@ class _Beam:
 
 
 def beam_search(model: FastLlama, prompt: torch.Tensor, o: GenerationSettings,
-                stops: StoppingCriteriaList, eos: set[int]
-                ) -> tuple[list[int], list[torch.Tensor]]:
+                stops: StoppingCriteriaList, eos: set[int],
+                first: Sequence[LogitsProcessor] = ()) -> tuple[list[int], list[torch.Tensor]]:
     """Beam search as `generate` runs it with early stopping: `num_beams` hypotheses; at
     each step the 2 x num_beams best continuations of all of them, by summed
     log-probability; one that ends (end-of-sequence token or a stopping criterion) is kept
@@ -82,7 +87,7 @@ def beam_search(model: FastLlama, prompt: torch.Tensor, o: GenerationSettings,
 
     Each hypothesis has its own key/value cache; one continued by several is copied.
     """
-    procs, width, start = logits_processors(o), o.num_beams, prompt.shape[1]
+    procs, width, start = logits_processors(o, first), o.num_beams, prompt.shape[1]
     cache = model.new_cache(start + o.max_new_tokens)
     first = model.forward(prompt[0], cache, 0)
     beams = [_Beam([], 0.0, cache, [first])]
@@ -102,7 +107,8 @@ def beam_search(model: FastLlama, prompt: torch.Tensor, o: GenerationSettings,
             logp = torch.log_softmax(procs(seq, beam.logits[-1].clone()), -1)[0]
             top = logp.topk(2 * width)
             candidates += [(beam.logprob + float(lp), parent, int(t))
-                           for lp, t in zip(top.values, top.indices, strict=True)]
+                           for lp, t in zip(top.values, top.indices, strict=True)
+                           if lp > float("-inf")]  # a grounded mask forbids the rest
         candidates.sort(key=lambda c: -c[0])
         live, used = [], set()
         for rank, (logprob, parent, token) in enumerate(candidates[:2 * width]):

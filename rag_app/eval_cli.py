@@ -37,8 +37,9 @@ def format_report(out: dict[str, Any]) -> str:
         f"mode {out['mode']}",
         f"collection {out['collection']} (ingest {ingest})",
         "",
-        "retrieval (passage level)",
-        *(f"  {name:<12}{value:.3f}" for name, value in r.items()),
+        *(["retrieval (passage level)", *(f"  {name:<12}{value:.3f}" for name, value in
+                                           r.items())] if r else
+          ["retrieval: no query has a relevant passage"]),
     ]
     a = out["answers"]
     if a is not None:
@@ -50,11 +51,15 @@ def format_report(out: dict[str, Any]) -> str:
             f"  {'cited_contains_gold':<26}{a['cited_contains_gold']:.3f}  (of answered)",
             f"  {'supported_contains_gold':<26}{a['supported_contains_gold']:.3f}  "
             "(cited or matched, of answered)",
-            f"  {'not_found':<26}{a['not_found']:.3f}",
+            f"  {'contains_gold':<26}{a['contains_gold']:.3f}  (the answer text)",
+            f"  {'false_refusals':<26}{a['false_refusals']:.3f}  (answerable, not found)",
         ]
+        if a["refusal"] is not None:
+            lines.append(f"  {'refusal':<26}{a['refusal']:.3f}  "
+                         f"(of {a['unanswerable']} unanswerable questions)")
     lines += [
         "",
-        f"timings: ingest {ingest}, retrieval p50 {t['retrieval_ms_p50']:.1f} ms/query"
+        f"timings: ingest {ingest}, retrieval p50 {_fmt(t['retrieval_ms_p50'], '.1f')} ms/query"
         + (f", answer mean {_fmt(t['answer_s_mean'], '.1f')} s/question"
            if t["answer_s_mean"] is not None else ""),
     ]

@@ -134,8 +134,13 @@ def run_eval(services: Services, dataset_dir: Path, limit: int | None, mode: str
     ds = load_dataset(dataset_dir)
     queries = [q for q in ds.queries if metrics.relevant(ds.qrels.get(str(q.get("_id")), {}))]
     queries = queries[:limit] if limit is not None else queries
-    if not queries:
-        raise DatasetError(f"{dataset_dir}: no query has a relevant passage in qrels/test.tsv")
+    # questions the corpus cannot answer: scored by refusals, not by retrieval
+    refusable = [q for q in ds.queries if q.get("answerable") is False]
+    refusable = refusable[:limit] if limit is not None else refusable
+    if not queries and not (answer and refusable):
+        raise DatasetError(f"{dataset_dir}: no query has a relevant passage in qrels/test.tsv"
+                           + ("" if answer or not refusable else
+                              " (its unanswerable questions are scored with --answers)"))
     collection = collection_name(ds.name, services)
     index = ensure_index(services, ds, collection, progress)
 
@@ -150,36 +155,51 @@ def run_eval(services: Services, dataset_dir: Path, limit: int | None, mode: str
             str(d.metadata["source"]).removesuffix(SUFFIX) for d in docs)
         runs.append((ranking, ds.qrels[str(q["_id"])]))
 
-    answers, answer_s = None, []
-    qa = [q for q in queries if q.get("answers")]
+    answers, answer_s, details = None, [], []
+    qa = [q for q in queries if q.get("answers")] + refusable
     if answer and qa:
-        from rag_app.prompt import NOT_FOUND
-
-        chain = services.chain(collection)
-        results = []
-        for q in qa:
-            started = time.perf_counter()
-            out = chain.answer(q["text"], mode=mode, k=k)
-            answer_s.append(time.perf_counter() - started)
-            results.append({
-                "answer": out.answer, "golds": list(q["answers"]),
-                "not_found": metrics.is_not_found(out.answer, out.found, NOT_FOUND),
-                "cited_texts": [out.sources[n - 1].page_content for n in out.cited],
-                "matched_texts": [out.sources[n - 1].page_content for n in out.matched],
-            })
-        answers = metrics.answer_metrics(results)
+        details = _answer_all(services.chain(collection), qa, mode, k)
+        answer_s = [d["seconds"] for d in details]
+        answers = metrics.answer_metrics(details)
 
     return {
         "dataset": ds.name, "collection": collection, "mode": mode, "k": k,
         "passages": len(ds.corpus), "queries": len(queries),
-        "retrieval": metrics.retrieval_metrics(runs),
+        "retrieval": metrics.retrieval_metrics(runs) if runs else None,
         "answers": answers,
         "timings": {
             "ingest_s": index["ingest_s"], "ingest_cached": index["cached"],
-            "retrieval_ms_p50": statistics.median(retrieve_ms),
-            "retrieval_ms_mean": statistics.fmean(retrieve_ms),
+            "retrieval_ms_p50": statistics.median(retrieve_ms) if retrieve_ms else None,
+            "retrieval_ms_mean": statistics.fmean(retrieve_ms) if retrieve_ms else None,
             "answer_s_mean": statistics.fmean(answer_s) if answer_s else None,
             "answer_s_p50": statistics.median(answer_s) if answer_s else None,
         },
         "ingest_failed": index["failed"],
+        "details": details,
+    }
+
+
+def _answer_all(chain: Any, qa: list[dict[str, Any]], mode: str, k: int
+                ) -> list[dict[str, Any]]:
+    return [answer_row(chain, q, mode, k) for q in qa]
+
+
+def answer_row(chain: Any, q: dict[str, Any], mode: str, k: int) -> dict[str, Any]:
+    """Answer one question; its result row, as `metrics.answer_metrics` reads it."""
+    from rag_app.prompt import NOT_FOUND
+
+    started = time.perf_counter()
+    out = chain.answer(q["text"], mode=mode, k=k)
+    return {
+        "id": q.get("_id"), "question": q["text"], "answer": out.answer,
+        "golds": list(q.get("answers") or []),
+        "not_found": metrics.is_not_found(out.answer, out.found, NOT_FOUND),
+        "refusal": out.refusal, "confidence": out.confidence,
+        "similarity": max((d.metadata.get("similarity") or 0.0 for d in out.sources),
+                          default=None),
+        "sources": [str(d.metadata.get("source")) for d in out.sources],
+        "cited": out.cited,
+        "cited_texts": [out.sources[n - 1].page_content for n in out.cited],
+        "matched_texts": [out.sources[n - 1].page_content for n in out.matched],
+        "seconds": time.perf_counter() - started,
     }

@@ -19,6 +19,8 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
     PretrainedConfig,
     PreTrainedModel,
     StoppingCriteria,
@@ -31,10 +33,11 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from rag_app import fast_decoder, kernels
 from rag_app.adapter import apply_adapter
-from rag_app.decoding import TextPieces, beam_search, decode_steps
+from rag_app.decoding import TextPieces, beam_search, decode_steps, logits_processors
 from rag_app.device import resolve_device, resolve_dtype
 from rag_app.errors import ModelLoadError
 from rag_app.gate import FairGate
+from rag_app.grounded import GroundedLogitsProcessor, Grounding, SpanIndex, bracket_tokens
 from rag_app.locate import resolve_model_ref
 from rag_app.settings import GenerationSettings, LLMSettings
 
@@ -124,36 +127,42 @@ class LocalLM:
 
     # -- generation -----------------------------------------------------------------------
     def stream(self, messages: Sequence[Message], options: GenerationSettings,
-               stop: Sequence[str] | None = None) -> Iterator[str | Generation]:
+               stop: Sequence[str] | None = None, grounding: Grounding | None = None
+               ) -> Iterator[str | Generation]:
         """Yield text pieces as they are decoded, then one final `Generation`.
 
         Beam search cannot stream (it keeps several hypotheses until the end):
-        it yields its final text as one piece.
+        it yields its final text as one piece. `grounding`: the answer may only copy a span
+        of these passages (`rag_app.grounded`), whatever the decoding strategy.
         """
         enc = self.encode_chat(messages)
         prompt_len = int(enc["input_ids"].shape[1])
-        config = self._generation_config(options, stop)
+        first = self._grounded(grounding, prompt_len)
+        config = self._generation_config(options, stop, warp=not first)
         if options.seed is not None:
             set_seed(options.seed)
         started = time.perf_counter()
         if self.fast is not None and options.num_beams == 1:
-            yield from self._stream_fast(enc, options, stop, started)
+            yield from self._stream_fast(enc, options, stop, started, first)
             return
         if self.fast is not None:
             prompt = enc["input_ids"]
             ids, logits = beam_search(self.fast, prompt, options,
                                       self._fast_stops(options, prompt_len, stop),
-                                      self._eos_ids())
+                                      self._eos_ids(), first)
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             elapsed = time.perf_counter() - started
             yield text
             yield Generation(text, self._probs_from_logits(torch.tensor(ids), logits),
                              prompt_len, elapsed, elapsed, streamed=False, token_ids=ids)
             return
+        # grounded: the mask first, then the warpers (generate would put its own first)
+        processors = logits_processors(options, first) if first else LogitsProcessorList()
         if options.num_beams > 1:
             with torch.inference_mode():
                 out = self.model.generate(**enc, generation_config=config,
                                           stopping_criteria=self._stops(options, prompt_len),
+                                          logits_processor=processors,
                                           tokenizer=self.tokenizer)
             ids = out.sequences[0, prompt_len:]
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -174,7 +183,8 @@ class LocalLM:
                 with torch.inference_mode():
                     result["out"] = self.model.generate(
                         **enc, generation_config=config, streamer=streamer,
-                        stopping_criteria=stops, tokenizer=self.tokenizer)
+                        stopping_criteria=stops, logits_processor=processors,
+                        tokenizer=self.tokenizer)
             except BaseException as e:  # re-raised in the caller's thread
                 result["error"] = e
                 streamer.end()
@@ -203,8 +213,18 @@ class LocalLM:
                          first if first is not None else total, total, streamed=True,
                          token_ids=ids.tolist())
 
+    def _grounded(self, grounding: Grounding | None, prompt_len: int
+                  ) -> list[GroundedLogitsProcessor]:
+        """The grounded mask for this prompt, or nothing (free answers)."""
+        if grounding is None:
+            return []
+        index = SpanIndex(self.tokenizer, grounding.passages, grounding.extra)
+        return [GroundedLogitsProcessor(index, prompt_len, bracket_tokens(self.tokenizer),
+                                        self._eos_ids())]
+
     def _stream_fast(self, enc: dict[str, torch.Tensor], options: GenerationSettings,
-                     stop: Sequence[str] | None, started: float) -> Iterator[str | Generation]:
+                     stop: Sequence[str] | None, started: float,
+                     grounded: Sequence[LogitsProcessor] = ()) -> Iterator[str | Generation]:
         """The fast decoder's loop; closing this generator stops decoding."""
         assert self.fast is not None
         prompt = enc["input_ids"]
@@ -214,7 +234,8 @@ class LocalLM:
 
         def decoded() -> Iterator[str]:
             text = TextPieces(self.tokenizer)
-            for token, step_logits in decode_steps(self.fast, prompt, options, stops, eos_ids):
+            for token, step_logits in decode_steps(self.fast, prompt, options, stops, eos_ids,
+                                                   grounded):
                 ids.append(token)
                 logits.append(step_logits)
                 text.put(torch.tensor([token]))
@@ -236,9 +257,10 @@ class LocalLM:
                          streamed=True, token_ids=ids)
 
     def generate(self, messages: Sequence[Message], options: GenerationSettings,
-                 stop: Sequence[str] | None = None) -> Generation:
+                 stop: Sequence[str] | None = None, grounding: Grounding | None = None
+                 ) -> Generation:
         final = None
-        for item in self.stream(messages, options, stop):
+        for item in self.stream(messages, options, stop, grounding):
             if isinstance(item, Generation):
                 final = item
         assert final is not None
@@ -263,8 +285,9 @@ class LocalLM:
             stops.append(RepetitionStop(prompt_len, o.stop_on_repeat))
         return stops
 
-    def _generation_config(self, o: GenerationSettings, stop: Sequence[str] | None
-                           ) -> GenerationConfig:
+    def _generation_config(self, o: GenerationSettings, stop: Sequence[str] | None,
+                           warp: bool = True) -> GenerationConfig:
+        """`warp=False`: the sampling warpers are passed as processors instead."""
         config = GenerationConfig(
             max_new_tokens=o.max_new_tokens, do_sample=o.do_sample,
             repetition_penalty=o.repetition_penalty, num_beams=o.num_beams,
@@ -274,7 +297,7 @@ class LocalLM:
             or self.tokenizer.eos_token_id,
             stop_strings=list(stop) if stop else None,
         )
-        if o.do_sample:
+        if o.do_sample and warp:
             config.temperature, config.top_k, config.top_p = o.temperature, o.top_k, o.top_p
         else:
             config.temperature, config.top_k, config.top_p = None, None, None

@@ -121,26 +121,39 @@ def is_not_found(answer: str, found: bool, not_found_reply: str) -> bool:
     return not found or normalize_answer(not_found_reply) in normalize_answer(answer)
 
 
-def answer_metrics(results: Sequence[Mapping]) -> dict[str, float | int]:
-    """Aggregate per-question results with keys `answer`, `golds`, `not_found` and
-    `cited_texts` (texts of the sources the answer cites) and optionally `matched_texts`
-    (sources the app matched to uncited sentences).
+def answer_metrics(results: Sequence[Mapping]) -> dict[str, float | int | None]:
+    """Aggregate per-question results with keys `answer`, `golds` (empty for a question the
+    documents cannot answer), `not_found`, `cited_texts` (texts of the sources the answer
+    cites, or the grounded span's source) and optionally `matched_texts` (sources the app
+    matched to uncited sentences) and `seconds`.
 
-    exact_match and f1 are over all questions (a "not found" reply scores 0 unless it matches);
-    cited_contains_gold (the model's citations) and supported_contains_gold (its citations
-    and the matched sources) are over the answered questions (not "not found").
+    Over the answerable questions: exact_match and f1 (a "not found" reply scores 0),
+    contains_gold (the answer text holds a gold answer), false_refusals (share answered
+    "not found"); over those answered: cited_contains_gold (the model's citations or the
+    grounded source) and supported_contains_gold (with the matched sources). Over the
+    unanswerable ones: refusal (share answered "not found"), None when there are none.
     """
-    answered = [r for r in results if not r["not_found"]]
+    answerable = [r for r in results if r["golds"]]
+    unanswerable = [r for r in results if not r["golds"]]
+    answered = [r for r in answerable if not r["not_found"]]
+    seconds = [r["seconds"] for r in results if r.get("seconds") is not None]
     return {
-        "questions": len(results),
+        "questions": len(answerable),
         "exact_match": mean(exact_match(strip_citations(r["answer"]), r["golds"])
-                            for r in results),
-        "f1": mean(token_f1(strip_citations(r["answer"]), r["golds"]) for r in results),
+                            for r in answerable),
+        "f1": mean(token_f1(strip_citations(r["answer"]), r["golds"]) for r in answerable),
+        "contains_gold": mean(float(contains_gold([strip_citations(r["answer"])], r["golds"]))
+                              for r in answerable),
         "answered": len(answered),
         "cited_contains_gold": mean(float(contains_gold(r["cited_texts"], r["golds"]))
                                     for r in answered),
         "supported_contains_gold": mean(
             float(contains_gold([*r["cited_texts"], *r.get("matched_texts", [])], r["golds"]))
             for r in answered),
-        "not_found": mean(float(r["not_found"]) for r in results),
+        "not_found": mean(float(r["not_found"]) for r in answerable),
+        "false_refusals": mean(float(r["not_found"]) for r in answerable),
+        "unanswerable": len(unanswerable),
+        "refusal": (mean(float(r["not_found"]) for r in unanswerable)
+                    if unanswerable else None),
+        "seconds_per_question": mean(seconds) if seconds else None,
     }

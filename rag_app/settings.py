@@ -86,6 +86,14 @@ class GenerationSettings(BaseModel):
     stop_on_repeat: int = Field(
         20, ge=0, description="Stop when the answer's last N tokens already occurred in it "
         "(a small model's loop); 0 = off.")
+    answer_mode: Literal["grounded", "free"] = Field(
+        "free", description="grounded = the model may only copy one span of a retrieved "
+        "passage (or reply 'not found'), cited exactly; free = it writes freely and cites "
+        "[n] itself.")
+    min_span_prob: float = Field(
+        0.0, ge=0.0, le=1.0, description="Grounded answers: a copied span whose mean token "
+        "probability under the model is below this is not trusted, and the reply is "
+        "'not found' (0 = off).")
 
     @model_validator(mode="after")
     def _beams_without_sampling(self) -> GenerationSettings:

@@ -32,6 +32,7 @@ QUERIES = [
     {"_id": "q2", "text": "How do honey bees tell each other where flowers are?",
      "answers": ["waggle dance", "with a waggle dance"]},
     {"_id": "q3", "text": "Which volcano is on Sicily?", "answers": ["Mount Etna"]},
+    {"_id": "q4", "text": "Who painted the Mona Lisa?", "answers": [], "answerable": False},
 ]
 QRELS = "query-id\tcorpus-id\tscore\nq1\teiffel\t1\nq2\tbees\t1\nq2\tchess\t0\nq3\tvolcano\t2\n"
 
@@ -57,7 +58,7 @@ def eval_services(services: Services, tmp_path: Path) -> Services:
 def test_load_dataset_reads_the_beir_layout(dataset: Path) -> None:
     ds = load_dataset(dataset)
     assert len(ds.corpus) == 6 and ds.corpus["bread"][0] == "Sourdough"
-    assert [q["_id"] for q in ds.queries] == ["q1", "q0", "q2", "q3"]
+    assert [q["_id"] for q in ds.queries] == ["q1", "q0", "q2", "q3", "q4"]
     assert ds.qrels == {"q1": {"eiffel": 1}, "q2": {"bees": 1, "chess": 0}, "q3": {"volcano": 2}}
     assert dataset_name(dataset) == "subset"
     (dataset.parent / "corpus.jsonl").write_text("")  # a parent dataset names its subsets
@@ -144,5 +145,8 @@ def test_run_eval_with_answers(dataset: Path, services: Services,
     a = out["answers"]
     assert a is not None and a["questions"] == 2 and 0 <= a["answered"] <= 2
     assert all(0.0 <= a[key] <= 1.0 for key in
-               ("exact_match", "f1", "cited_contains_gold", "not_found"))
+               ("exact_match", "f1", "cited_contains_gold", "not_found", "contains_gold",
+                "false_refusals", "refusal"))
+    assert a["unanswerable"] == 1 and len(out["details"]) == 3  # the unanswerable one too
+    assert a["seconds_per_question"] > 0
     assert out["timings"]["answer_s_mean"] > 0

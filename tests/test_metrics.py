@@ -126,11 +126,17 @@ def test_answer_metrics_by_hand() -> None:
          "not_found": False, "cited_texts": ["Something else."],
          "matched_texts": ["The Denver Broncos won."]},
         {"answer": "I could not find the answer in your documents.", "golds": ["Levi's"],
-         "not_found": True, "cited_texts": []},
+         "not_found": True, "cited_texts": [], "seconds": 3.0},
+        # unanswerable: one refused, one answered anyway
+        {"answer": "I could not find the answer in your documents.", "golds": [],
+         "not_found": True, "cited_texts": [], "seconds": 1.0},
+        {"answer": "Paris [1]", "golds": [], "not_found": False, "cited_texts": ["Paris"]},
     ]
     out = answer_metrics(results)
     # F1 of "broncos won in denver" vs "denver broncos": P = 2/4, R = 1 -> 2/3
     assert out == pytest.approx({
         "questions": 3, "exact_match": 1 / 3, "f1": (1 + 2 / 3 + 0) / 3, "answered": 2,
-        "cited_contains_gold": 0.5, "supported_contains_gold": 1.0, "not_found": 1 / 3})
-    assert answer_metrics([])["f1"] == 0.0
+        "contains_gold": 1 / 3, "cited_contains_gold": 0.5, "supported_contains_gold": 1.0,
+        "not_found": 1 / 3, "false_refusals": 1 / 3, "unanswerable": 2, "refusal": 0.5,
+        "seconds_per_question": 2.0})
+    assert answer_metrics([])["f1"] == 0.0 and answer_metrics([])["refusal"] is None

@@ -54,33 +54,56 @@ def highlight(text: str, query: str) -> str:
     return "".join(out) + escape_markdown(text[last:])
 
 
-def source_title(s: dict[str, Any], cited: bool, matched: bool = False) -> str:
+def copied(text: str, spans: list[dict[str, Any]]) -> str:
+    """Escape `text` and mark the spans a grounded answer copied from it."""
+    out, last = [], 0
+    for span in sorted(spans, key=lambda x: x["start"]):
+        if span["start"] < last or span["end"] > len(text):
+            continue  # offsets of another text: never mark the wrong words
+        out += [escape_markdown(text[last:span["start"]]),
+                f":blue-background[{escape_markdown(text[span['start']:span['end']])}]"]
+        last = span["end"]
+    return "".join(out) + escape_markdown(text[last:])
+
+
+def source_title(s: dict[str, Any], cited: bool, matched: bool = False,
+                 grounded: bool = False) -> str:
     name = escape_markdown(PurePath(str(s["source"])).name)
     page = f", p. {s['page']}" if s.get("page") is not None else ""
-    mark = "cited" if cited else "matched to the answer" if matched else "retrieved"
+    mark = ("the answer is copied from here" if grounded else "cited" if cited
+            else "matched to the answer" if matched else "retrieved")
     similarity = s.get("similarity")
     match = f" · similarity {similarity:.2f}" if similarity is not None else ""
     return f"{badge(s['n'], cited, matched)} {name}{page} · {mark}{match}"
 
 
 def source_cards(sources: list[dict[str, Any]], cited: list[int], query: str = "",
-                 matched: list[int] | None = None) -> None:
+                 matched: list[int] | None = None,
+                 spans: list[dict[str, Any]] | None = None) -> None:
+    """One card per source; a grounded answer's source opens with the copied words marked,
+    the others with the query's words marked."""
     if not sources:
         return
-    matched = matched or []
+    matched, spans = matched or [], spans or []
     also = f", {len(matched)} matched to the uncited answer" if matched else ""
-    st.caption(f"Sources: {len(sources)} retrieved, {len(cited)} cited by the model{also}")
+    if spans:
+        st.caption(f"Sources: {len(sources)} retrieved; the answer is copied word for word "
+                   "from the marked passage")
+    else:
+        st.caption(f"Sources: {len(sources)} retrieved, {len(cited)} cited by the model{also}")
     for s in sources:
-        with st.expander(source_title(s, s["n"] in cited, s["n"] in matched)):
+        own = [x for x in spans if x["n"] == s["n"]]
+        with st.expander(source_title(s, s["n"] in cited, s["n"] in matched, bool(own)),
+                         expanded=bool(own)):
             if s.get("heading"):
                 st.caption(escape_markdown(s["heading"]))
-            st.markdown(highlight(s["text"], query))
+            st.markdown(copied(s["text"], own) if own else highlight(s["text"], query))
             st.caption(escape_markdown(str(s["source"])))
 
 
 def answer_caption(answer: dict[str, Any]) -> None:
     t = answer["timings"]
-    if not answer["found"]:
+    if not answer["found"] and not t.get("generate_ms"):
         st.caption(f"retrieval {t['retrieve_ms']:.0f} ms · the model was not called")
         return
     waited = t.get("queue_ms", 0) >= 50  # another session's generation came first
@@ -94,7 +117,8 @@ def answer_caption(answer: dict[str, Any]) -> None:
 
 def answer_body(answer: dict[str, Any], confidence: bool = False) -> None:
     if not answer["found"]:
-        st.warning(answer["answer"], icon=":material/search_off:")
+        reason = f" (why: {answer['refusal']})" if answer.get("refusal") else ""
+        st.warning(answer["answer"] + reason, icon=":material/search_off:")
     elif confidence and answer.get("tokens"):
         st.markdown(confidence_markdown(answer["tokens"]))
         st.caption("Background: the model's probability for each token "
@@ -111,5 +135,5 @@ def past_answer(answer: dict[str, Any], confidence: bool = False) -> None:
         st.caption(escape_markdown(f"Searched for: {answer['query']}"))
     answer_body(answer, confidence)
     source_cards(answer["sources"], answer["cited"], answer.get("query", ""),
-                 answer.get("matched"))
+                 answer.get("matched"), answer.get("spans"))
     answer_caption(answer)

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import streamlit as st
 
-from rag_app.chain import RagAnswer, Waiting, source_json
+from rag_app.chain import RagAnswer, Turn, Waiting, source_json
 from rag_app.errors import RagError
 from ui import render, sidebar, state
 
@@ -44,7 +44,8 @@ with st.chat_message("assistant"):
     result: dict = {}
     try:
         chain = services.chain(state.collection(services.settings.collection))
-        earlier = [m["answer"]["query"] for m in history if m["role"] == "assistant"]
+        earlier = [Turn(m["answer"]["query"], m["answer"]["found"])
+                   for m in history if m["role"] == "assistant"]
         events = chain.stream_events(question, earlier, **state.options())
         with st.spinner("Searching your documents…"):
             docs = next(events)  # the first event is always the retrieved sources
@@ -77,7 +78,8 @@ with st.chat_message("assistant"):
     with answer_box.container():  # the streamed text, now with citation badges
         render.answer_body(answer, state.show_confidence())
     with sources_box.container():
-        render.source_cards(answer["sources"], answer["cited"], question, answer["matched"])
+        render.source_cards(answer["sources"], answer["cited"], question, answer["matched"],
+                            answer["spans"])
     render.answer_caption(answer)
     history += [{"role": "user", "content": question},
                 {"role": "assistant", "content": answer["answer"], "answer": answer}]

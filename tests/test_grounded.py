@@ -1,0 +1,114 @@
+"""Grounded answers on the session's real SmolLM2: whatever the decoding strategy and engine,
+the answer is a span copied from the passages (or the "not found" reply), and the chain
+cites the passage that holds it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from rag_app.chain import FOLLOWS_NOT_FOUND, Turn
+from rag_app.grounded import Grounding, SpanIndex, locate_span, strip_end
+from rag_app.llm import LocalLM
+from rag_app.prompt import NOT_FOUND, build_messages
+from rag_app.settings import GenerationSettings
+
+pytestmark = pytest.mark.slow
+
+FACTS = [
+    "The Eiffel Tower is 330 metres tall and was finished in 1889.",
+    "Mount Kilimanjaro, the highest mountain in Africa, rises 5,895 metres above sea level.",
+    "The quokka is a small wallaby that lives on Rottnest Island near Perth.",
+    "GPT-2 uses a byte-level BPE vocabulary of 50,257 tokens.",
+    "LanceDB stores vectors in the Lance columnar format on local disk or object storage.",
+    "Honey never spoils because its low water content and acidity stop bacteria growing.",
+]
+QUESTIONS = ["How tall is the Eiffel Tower?", "Where does the quokka live?",
+             "How many tokens are in the GPT-2 vocabulary?", "Why does honey never spoil?",
+             "What format does LanceDB use?", "How high is Kilimanjaro?"]
+
+
+@pytest.fixture(scope="module")
+def engines(services) -> dict[str, LocalLM]:
+    fast = services.lm
+    slow = LocalLM(services.settings.llm.model_copy(update={"engine": "transformers"}))
+    assert fast.engine == "fast" and slow.engine == "transformers"
+    return {"fast": fast, "transformers": slow}
+
+
+def _is_copy(lm: LocalLM, ids: list[int], index: SpanIndex) -> bool:
+    """The generated ids (without their end) are one contiguous span of some passage."""
+    eos = lm._eos_ids()
+    body = [i for i in ids if i not in eos]
+    if body and lm.tokenizer.convert_ids_to_tokens(body[-1]) in ("[", "Ġ["):
+        body = body[:-1]
+    return not body or bool(index.matches(tuple(body)))
+
+
+STRATEGIES = {
+    "greedy": {},
+    "beams": {"num_beams": 3},
+    "sampling": {"do_sample": True, "temperature": 1.5, "top_k": 20, "top_p": 0.95},
+}
+
+
+@pytest.mark.parametrize("engine", ["fast", "transformers"])
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_grounded_decoding_never_leaves_the_passages(engines, engine: str,
+                                                     strategy: str) -> None:
+    lm = engines[engine]
+    rng = random.Random(f"{engine}-{strategy}")
+    for trial in range(2):
+        passages = rng.sample(FACTS, 3)
+        question = rng.choice(QUESTIONS)
+        from langchain_core.documents import Document
+
+        docs = [Document(p, metadata={"source": f"fact{i}.txt"}) for i, p in enumerate(passages)]
+        options = GenerationSettings(max_new_tokens=12, seed=trial, stop_on_repeat=0,
+                                     **STRATEGIES[strategy])
+        grounding = Grounding(passages, [NOT_FOUND])
+        gen = lm.generate(build_messages(question, docs), options, grounding=grounding)
+        index = SpanIndex(lm.tokenizer, passages, [NOT_FOUND])
+        assert _is_copy(lm, gen.token_ids, index), (engine, strategy, gen.text)
+        text = strip_end(gen.text)
+        # a copy of (part of) the "not found" reply, which the chain reports as a refusal
+        assert text in NOT_FOUND or locate_span(text, passages) is not None, gen.text
+
+
+def test_free_decoding_leaves_the_passages(engines) -> None:
+    """The check above can fail: a free answer is not a copy."""
+    lm = engines["fast"]
+    messages = [{"role": "user", "content": "Write a short story about a cat."}]
+    gen = lm.generate(messages, GenerationSettings(max_new_tokens=24, stop_on_repeat=0))
+    assert not _is_copy(lm, gen.token_ids, SpanIndex(lm.tokenizer, FACTS[:2]))
+
+
+def test_a_grounded_answer_cites_the_passage_that_holds_it(demo_index, demo_questions) -> None:
+    chain = demo_index.chain()
+    for q in demo_questions[:3]:
+        out = chain.answer(q["question"], answer_mode="grounded")
+        assert out.found, out.answer
+        (span,) = out.spans
+        source = out.sources[span.n - 1].page_content
+        assert source[span.start:span.end] == span.text
+        assert " ".join(span.text.split()) in " ".join(out.answer.split())
+        assert out.cited == [span.n] and out.answer.endswith(f"[{span.n}]")
+
+
+def test_a_follow_up_of_a_question_not_found_is_not_found(demo_index) -> None:
+    chain = demo_index.chain()
+    first = chain.answer("What is the capital of Mongolia?")
+    assert not first.found
+    follow = chain.answer("and how tall is it in feet?", [Turn(first.query, first.found)])
+    assert not follow.found and follow.answer == NOT_FOUND
+    assert follow.refusal == FOLLOWS_NOT_FOUND
+
+
+def test_locate_span_gives_offsets_in_the_source_text() -> None:
+    texts = ["alpha beta", "The  Eiffel\nTower is 330 metres tall."]
+    span = locate_span("Eiffel Tower is 330", texts)
+    assert span is not None and span.n == 2
+    assert texts[1][span.start:span.end] == "Eiffel\nTower is 330"
+    assert locate_span("not here", texts) is None
+    assert strip_end("330 metres [") == "330 metres"
