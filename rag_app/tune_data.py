@@ -176,6 +176,13 @@ class ExampleSet:
             text = window(ctx.text, rng, n_words)
             if ctx.id != q.context_id and low not in text.lower():
                 return Document(text, metadata={"source": ctx.name})
+        # A very common answer ("1", "a"): a passage without it as a word will do.
+        word = re.compile(rf"\b{re.escape(low)}\b")
+        for _ in range(200):
+            ctx = self.contexts[self.pool[rng.randrange(len(self.pool))]]
+            text = window(ctx.text, rng, n_words)
+            if ctx.id != q.context_id and not word.search(text.lower()):
+                return Document(text, metadata={"source": ctx.name})
         raise TuneError("cannot find passages without the answer: the training set is too "
                         "small or too repetitive")
 
