@@ -22,11 +22,12 @@ WEIGHTS = "adapter_model.safetensors"
 
 
 def apply_adapter(model: Any, settings: LLMSettings) -> Any:
-    """`model` with llm.adapter merged in (`model` itself when llm.adapter is None)."""
-    if not settings.adapter:
+    """`model` with llm.adapter merged in (`model` itself when there is none)."""
+    ref = settings.adapter_ref()
+    if ref is None:
         return model
-    folder = adapter_folder(settings.adapter)
-    weights = _read_weights(folder, settings.adapter)
+    folder = adapter_folder(ref)
+    weights = _read_weights(folder, ref)
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
 

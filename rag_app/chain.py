@@ -85,6 +85,7 @@ class RagAnswer:
                       for s in self.spans],
             "sources": [source_json(n, d) for n, d in enumerate(self.sources, 1)],
             "cited": self.cited, "matched": self.matched, "model": meta.get("model_name"),
+            "adapter": meta.get("adapter"),
             "device": meta.get("device"),
             "dtype": meta.get("dtype"), "engine": meta.get("engine"), "timings": self.timings,
             "tokens": [{"text": t["text"], "prob": t["prob"]} for t in meta.get("tokens", [])],
@@ -126,7 +127,11 @@ class RagChain:
         if x.get("orphan"):  # leans on a question that found nothing: nothing to lean on
             return []
         opts = {k: x[k] for k in RETRIEVAL_KEYS if x.get(k) is not None}
-        return self.retriever.invoke(x["query"], config, **opts)
+        docs = self.retriever.invoke(x["query"], config, **opts)
+        best = max((d.metadata.get("similarity") or -1.0 for d in docs), default=-1.0)
+        if best < self.retriever.settings.answer_similarity:  # loosely related at best
+            return []
+        return docs
 
     @cached_property
     def chat_model(self) -> LocalChatModel:

@@ -37,8 +37,8 @@ def generation_options(base: GenerationSettings, overrides: dict[str, Any]) -> G
 
 def model_metadata(lm: LocalLM) -> dict[str, Any]:
     """Which model answered, where, in what, decoded by whom."""
-    return {"model_name": lm.name, "device": lm.device, "dtype": lm.dtype_name,
-            "engine": lm.engine_name}
+    return {"model_name": lm.name, "adapter": lm.adapter, "device": lm.device,
+            "dtype": lm.dtype_name, "engine": lm.engine_name}
 
 
 def generation_metadata(lm: LocalLM, gen: Generation) -> dict[str, Any]:

@@ -83,6 +83,7 @@ class LocalLM:
 
     def __init__(self, settings: LLMSettings) -> None:
         self.name = settings.model
+        self.adapter = settings.adapter_ref()  # merged into the weights at load, if any
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         if settings.threads and self.device == "cpu":

