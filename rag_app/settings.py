@@ -168,7 +168,7 @@ class RetrievalSettings(BaseModel):
         description="Cosine similarity below which a passage is not used as evidence.",
     )
     answer_similarity: float = Field(
-        0.45, ge=-1.0, le=1.0,
+        0.40, ge=-1.0, le=1.0,
         description="The best passage must reach this cosine similarity to the question for "
         "the model to be asked; below it the passages are only loosely related and the reply "
         "is 'not found' (-1 = off).")

@@ -6,6 +6,7 @@ import pytest
 from langchain_core.documents import Document
 
 from rag_app.chain import RagAnswer
+from rag_app.grounded import strip_end
 from rag_app.prompt import NOT_FOUND
 
 pytestmark = pytest.mark.slow
@@ -51,8 +52,19 @@ def test_stream_yields_sources_before_first_token(demo_index) -> None:
                                                    max_new_tokens=12))
     assert isinstance(events[0], list) and all(isinstance(d, Document) for d in events[0])
     assert isinstance(events[1], str)
-    assert isinstance(events[-1], RagAnswer)
-    assert "".join(e for e in events if isinstance(e, str)).strip() == events[-1].answer
+    final = events[-1]
+    assert isinstance(final, RagAnswer)
+    streamed = "".join(e for e in events if isinstance(e, str))
+    # grounded (the default): the streamed copy, then the app's citation of its source
+    assert f"{strip_end(streamed)} [{final.cited[0]}]" == final.answer, (streamed, final)
+
+
+def test_a_free_answer_is_what_was_streamed(demo_index) -> None:
+    events = list(demo_index.chain().stream_events("What is byte-pair encoding?",
+                                                   max_new_tokens=12, answer_mode="free"))
+    final = events[-1]
+    assert isinstance(final, RagAnswer) and final.spans == []
+    assert "".join(e for e in events if isinstance(e, str)).strip() == final.answer
 
 
 def test_nothing_relevant_answers_not_found_without_the_model(demo_index) -> None:
