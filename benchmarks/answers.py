@@ -22,14 +22,14 @@ from typing import Any
 
 EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "eval"
 DATA = Path(__file__).resolve().parents[1] / "data"
-ADAPTER = "package:rag_app/adapters/smollm2-135m-rag-lora"
+ADAPTER = "package:rag_app/adapters/smollm2-135m-rag-lora"  # the shipped default
 
 
-def _settings(config: str) -> Any:
+def _settings(config: str, adapter: str) -> Any:
     from rag_app.settings import load_settings
 
     model, mode = config.split("/")
-    return load_settings(llm={"adapter": ADAPTER if model == "tuned" else None},
+    return load_settings(llm={"adapter": adapter if model == "tuned" else None},
                          generation={"answer_mode": mode})
 
 
@@ -73,7 +73,7 @@ def run_config(config: str, args: argparse.Namespace, out_dir: Path) -> dict[str
     from rag_app.evaluation import answer_row, collection_name, ensure_index, load_dataset
     from rag_app.factory import Services
 
-    services = Services(_settings(config))
+    services = Services(_settings(config, args.adapter))
     k, mode = services.settings.retrieval.k, services.settings.retrieval.mode
     result: dict[str, Any] = {"config": config}
     for name, limit, answerable in (("squad-dev-500", args.limit, True),
@@ -109,8 +109,11 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=500, help="answerable SQuAD questions")
     parser.add_argument("--unanswerable-limit", type=int, default=None)
     parser.add_argument("--configs", default="base/free,base/grounded,tuned/free,tuned/grounded")
+    parser.add_argument("--adapter", default=ADAPTER, help="the tuned rows' llm.adapter")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where answered rows are kept (default: <db>/bench-answers)")
     args = parser.parse_args()
-    out_dir = Path(load_settings().db_uri) / "bench-answers"
+    out_dir = args.out or Path(load_settings().db_uri) / "bench-answers"
     results = [run_config(c, args, out_dir) for c in args.configs.split(",")]
 
     print(f"## Answers, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n")

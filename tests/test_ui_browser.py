@@ -128,8 +128,10 @@ def test_upload_ask_delete_in_browser(page, server: str, tmp_path: Path, shots: 
     assert "reactor-notes.md" in message and re.search(r"\b42\b", answer_text), answer_text
     card = (page.get_by_test_id("stChatMessage").last.get_by_test_id("stExpander")
             .filter(has_text="reactor-notes.md").first)
-    # the uploaded file supports the answer: cited by the model, or matched to its words
-    assert re.search(r"· (cited|matched to the answer)", card.inner_text()), card.inner_text()
+    # the uploaded file supports the answer: copied from it (grounded, the default), cited
+    # by the model, or matched to its words
+    assert re.search(r"· (the answer is copied from here|cited|matched to the answer)",
+                     card.inner_text()), card.inner_text()
 
     page.goto(server + "/documents")
     idle(page)
