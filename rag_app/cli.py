@@ -275,6 +275,9 @@ def tune(
     steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps.")] = 300,
     max_minutes: Annotated[Optional[float], typer.Option(  # noqa: UP045
         "--max-minutes", help="Stop (and save) once training has run this long.")] = None,
+    until: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--until", min=1, help="Stop (and save) after this step, keeping the learning-rate "
+        "schedule of --steps.")] = None,
     examples: Annotated[Optional[int], typer.Option(  # noqa: UP045
         "--examples", min=1, help="Distinct training questions (default: all).")] = None,
     threads: Annotated[int, typer.Option("--threads", min=1, help="torch CPU threads.")] = 1,
@@ -301,7 +304,8 @@ def tune(
     from rag_app.tune import tune as run_tune
     from rag_app.tune_eval import compare_answers
 
-    opts = TuneOptions(data, out, steps=steps, max_minutes=max_minutes, examples=examples,
+    opts = TuneOptions(data, out, steps=steps, max_minutes=max_minutes, until=until,
+                       examples=examples,
                        threads=threads, seed=seed, resume=resume, accumulate=accumulate,
                        lr=lr, max_tokens=max_tokens, words=tuple(words),
                        val_examples=val_examples, checkpoint_every=checkpoint_every)

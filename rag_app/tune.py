@@ -35,6 +35,7 @@ class TuneOptions:
     out: Path
     steps: int = 300
     max_minutes: float | None = None
+    until: int | None = None  # stop after this step, on the schedule of `steps`
     examples: int | None = None  # distinct training questions (None: all)
     threads: int | None = 1
     seed: int = 0
@@ -206,8 +207,8 @@ def _optimizer_step(model: PeftModel, tokenizer: Any, examples: ExampleSet, opti
 def _train_loop(model: PeftModel, tokenizer: Any, examples: ExampleSet, optimizer: Any,
                 scheduler: Any, state: dict[str, Any], opts: TuneOptions, device: str
                 ) -> TuneReport:
-    """Optimizer steps until opts.steps, opts.max_minutes or Ctrl-C; checkpoints every
-    opts.checkpoint_every steps and on the way out."""
+    """Optimizer steps until opts.steps (or opts.until), opts.max_minutes or Ctrl-C;
+    checkpoints every opts.checkpoint_every steps and on the way out."""
     model.train()
     started, start_step = time.perf_counter(), state["step"]
     bar = tqdm(total=opts.steps, initial=state["step"], desc="tune", unit="step",
@@ -215,7 +216,7 @@ def _train_loop(model: PeftModel, tokenizer: Any, examples: ExampleSet, optimize
     interrupted = timed_out = False
     rng = torch.get_rng_state()
     try:
-        while state["step"] < opts.steps:
+        while state["step"] < min(opts.steps, opts.until or opts.steps):
             t0, rng = time.perf_counter(), torch.get_rng_state()
             loss = _optimizer_step(model, tokenizer, examples, optimizer, state, opts, device)
             scheduler.step()

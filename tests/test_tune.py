@@ -109,7 +109,7 @@ def _tune(args: list[str], out: Path, pool: Path) -> dict:
 @pytest.mark.slow
 def test_tune_resumes_exactly_where_it_stopped(env, pool: Path, tmp_path: Path) -> None:
     straight = _tune(FAST, tmp_path / "a", pool)
-    first = _tune([*FAST[:1], "1", *FAST[2:]], tmp_path / "b", pool)
+    first = _tune([*FAST, "--until", "1"], tmp_path / "b", pool)  # stopped after step 1
     resumed = _tune([*FAST, "--resume"], tmp_path / "b", pool)
     assert (first["step"], resumed["step"], straight["step"]) == (1, 2, 2)
     assert resumed["examples_seen"] == 2 and resumed["losses"][:1] == first["losses"]
