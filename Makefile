@@ -48,13 +48,13 @@ bench: install
 clean:
 	rm -rf $(VENV) .rag .pytest_cache
 
-# Reproduces the shipped LoRA adapters (their MODEL_CARD.md): the run was planned for 115 steps
-# and stopped by --max-minutes at step 93 (rag_app/adapters/smollm2-135m-rag-lora-step93); its
-# step-80 checkpoint is rag_app/adapters/smollm2-135m-rag-lora. --until stops at the same step
-# on the same schedule (about 45 minutes on one CPU thread); the adapter lands in $(TUNE_OUT).
+# Reproduces the shipped LoRA adapter rag_app/adapters/smollm2-135m-rag-lora (its MODEL_CARD.md):
+# the step-80 checkpoint of a run planned for 115 steps (which went on to step 93,
+# TUNE_UNTIL=93). --until stops at the same step on the same schedule (about 40 minutes on
+# one CPU thread); the adapter lands in $(TUNE_OUT).
 TUNE_DATA  ?= ../shared/train/qa-pool
 TUNE_OUT   ?= .rag/tune/smollm2-135m-rag-lora
-TUNE_UNTIL ?= 93
+TUNE_UNTIL ?= 80
 tune: install
 	$(BIN)/rag tune $(TUNE_OUT) --data $(TUNE_DATA) --steps 115 --until $(TUNE_UNTIL) \
 	  --accumulate 4 --lr 2e-4 --words 40 60 --max-tokens 384 --val-examples 100 \
