@@ -18,8 +18,10 @@ N = 20
 
 @pytest.fixture(scope="module")
 def lm(services) -> LocalLM:
-    """The same model served by transformers' `generate` (the GPU and beam-search path)."""
-    llm = LocalLM(services.settings.llm.model_copy(update={"engine": "transformers"}))
+    """The same model served by transformers' `generate` (the GPU and beam-search path),
+    without the shipped adapter: these are checks of the bundled model's decoding."""
+    llm = LocalLM(services.settings.llm.model_copy(update={"engine": "transformers",
+                                                           "adapter": None}))
     assert llm.engine == "transformers" and llm.fast is None
     return llm
 
