@@ -14,6 +14,7 @@ The processor is stateless: it re-derives the matching positions from each row's
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -149,8 +150,6 @@ def locate_span(answer: str, passages: Sequence[str]) -> Span | None:
 def _find_words(text: str, words: list[str]) -> tuple[int, int] | None:
     """Offsets of `words` in `text`, matching any run of whitespace between them; the first
     word may be the end of a longer word (a span may start inside one)."""
-    import re
-
     pattern = r"\s+".join(re.escape(w) for w in words)
     m = re.search(pattern, text)
     return (m.start(), m.end()) if m else None
