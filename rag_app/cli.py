@@ -243,21 +243,35 @@ def delete(sources: Annotated[list[str], typer.Argument(help="Sources as `rag do
 
 
 @app.command()
-def ui(port: Annotated[Optional[int], typer.Option()] = None) -> None:  # noqa: UP045
-    """Start the Streamlit app."""
+def ui(port: Annotated[Optional[int], typer.Option()] = None,  # noqa: UP045
+       host: Annotated[Optional[str], typer.Option(  # noqa: UP045
+           help="Address to listen on (default ui.host, 127.0.0.1). Any other than "
+           "loopback needs ui.password.")] = None) -> None:
+    """Start the Streamlit app (on this machine only, unless --host and ui.password say
+    otherwise)."""
     try:
-        settings = _settings()
+        given = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+        settings = _settings(ui=given)
     except RagError as e:
         raise _fail(e) from None
     spec = importlib.util.find_spec("ui")
     assert spec is not None and spec.origin is not None
     script = Path(spec.origin).parent / "app.py"
+    u = settings.ui
+    # browser.serverAddress set: Streamlit prints that one URL and never looks up the
+    # machine's external address (a request that would leave the machine).
+    shown = "localhost" if u.host in ("0.0.0.0", "::") else u.host  # noqa: S104
     cmd = [sys.executable, "-m", "streamlit", "run", str(script),
-           "--server.port", str(port or settings.ui.port), "--server.headless", "true",
+           "--server.address", u.host, "--server.port", str(u.port),
+           "--browser.serverAddress", shown, "--server.headless", "true",
            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
-           "--server.maxUploadSize", str(settings.ui.max_upload_mb)]
+           "--client.showErrorDetails", "none", "--server.enableXsrfProtection", "true",
+           "--server.maxUploadSize", str(u.max_upload_mb)]
     if state.get("config"):
         cmd += ["--", "--config", str(state["config"])]
+    # The app's own settings see the same address (its Host check; never the password,
+    # which stays in the environment or the config file, out of the process list).
+    os.environ["RAG_UI__HOST"], os.environ["RAG_UI__PORT"] = u.host, str(u.port)
     sys.stdout.flush()
     # `rag ui` becomes the server, so a signal to it (Ctrl-C, a service manager's SIGTERM)
     # reaches the server itself: a child process would outlive a terminated parent.
@@ -291,6 +305,9 @@ def tune(
                                             help="Longest example, in tokens.")] = 512,
     words: Annotated[tuple[int, int], typer.Option(
         "--words", help="Passage window, shortest and longest, in words.")] = (60, 90),
+    distractors: Annotated[tuple[int, int], typer.Option(
+        "--distractors", help="Passages without the answer an example shows, fewest and "
+        "most (the gold passage comes on top).")] = (2, 3),
     val_examples: Annotated[int, typer.Option("--val-examples", min=0,
                                               help="Held-out examples.")] = 200,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1)] = 10,
@@ -308,6 +325,7 @@ def tune(
                        examples=examples,
                        threads=threads, seed=seed, resume=resume, accumulate=accumulate,
                        lr=lr, max_tokens=max_tokens, words=tuple(words),
+                       distractors=tuple(distractors),
                        val_examples=val_examples, checkpoint_every=checkpoint_every)
     try:
         settings = _settings()

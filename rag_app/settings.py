@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -220,9 +221,36 @@ class IndexSettings(BaseModel):
         5, ge=1, description="Candidates re-scored with exact vectors: k × refine_factor.")
 
 
+def is_loopback(host: str) -> bool:
+    """`localhost` or a loopback IP address (127.0.0.0/8, ::1)."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class UISettings(BaseModel):
     max_upload_mb: int = Field(50, ge=1, description="Largest file accepted by the uploader.")
     port: int = Field(8501, ge=1, le=65535, description="Port of `rag ui`.")
+    host: str = Field(
+        "127.0.0.1", min_length=1, description="Address `rag ui` listens on. Loopback by "
+        "default: only this machine can open the app. Any other address (0.0.0.0 = every "
+        "interface) needs ui.password.")
+    password: SecretStr | None = Field(
+        None, description="Sign-in secret asked before any page (required when ui.host is "
+        "not loopback; set it through RAG_UI__PASSWORD or a config file, never on the "
+        "command line).")
+
+    @model_validator(mode="after")
+    def _private(self) -> UISettings:
+        if self.password is not None and not self.password.get_secret_value():
+            raise ValueError("ui.password must not be empty")
+        if not is_loopback(self.host) and self.password is None:
+            raise ValueError(f"ui.host = {self.host!r} lets other machines reach the app: set "
+                             "ui.password (RAG_UI__PASSWORD) too, or keep ui.host = 127.0.0.1")
+        return self
 
 
 class Settings(BaseSettings):

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # What must not change between a run and its --resume: the data and the recipe.
-SAME_ON_RESUME = ("seed", "examples", "accumulate", "lr", "max_tokens", "rank", "words")
+SAME_ON_RESUME = ("seed", "examples", "accumulate", "lr", "max_tokens", "rank", "words",
+                  "distractors")
 
 
 @dataclass
@@ -46,6 +47,7 @@ class TuneOptions:
     rank: int = 16
     max_tokens: int = 512
     words: tuple[int, int] = (60, 90)  # passage window sizes
+    distractors: tuple[int, int] = (2, 3)  # passages without the answer beside the gold one
     checkpoint_every: int = 10
     val_examples: int = 200
     lora_b_std: float = 0.0  # > 0: LoRA B starts random (tests: a change from step 0)
@@ -159,7 +161,8 @@ def tune(settings: Settings, opts: TuneOptions) -> TuneReport:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     questions, contexts = load_pool(opts.data)
-    train_set, val = split(questions, contexts, opts.seed, opts.val_examples, opts.words)
+    train_set, val = split(questions, contexts, opts.seed, opts.val_examples, opts.words,
+                           opts.distractors)
     if opts.examples:
         train_set.questions = train_set.questions[:opts.examples]
     ckpt = load_checkpoint(opts.out, _recipe(opts), opts.steps) if opts.resume else None

@@ -139,12 +139,14 @@ class ExampleSet:
     """Examples of one split, built on demand: `example(i)` depends only on (seed, i)."""
 
     def __init__(self, questions: list[Question], contexts: dict[str, Context], seed: int,
-                 not_found: float = 0.2, words: tuple[int, int] = (60, 90)) -> None:
+                 not_found: float = 0.2, words: tuple[int, int] = (60, 90),
+                 distractors: tuple[int, int] = (2, 3)) -> None:
         self.contexts = contexts
         self.pool = sorted(contexts)  # distractors come from this split's contexts only
         self.questions = sorted(questions, key=lambda q: (q.context_id, q.text))
         random.Random(seed).shuffle(self.questions)
         self.seed, self.not_found, self.words = seed, not_found, words
+        self.distractors = distractors
         if len(self.pool) < 4:
             raise TuneError(f"only {len(self.pool)} contexts: tuning needs at least 4")
 
@@ -158,7 +160,7 @@ class ExampleSet:
         q = self.questions[index % len(self.questions)]
         n_words = max(20, int(rng.randint(*self.words) * shrink))
         with_gold = rng.random() >= self.not_found
-        docs = [self._distractor(rng, q, n_words) for _ in range(rng.randint(2, 3))]
+        docs = [self._distractor(rng, q, n_words) for _ in range(rng.randint(*self.distractors))]
         gold = None
         if with_gold:
             ctx = self.contexts[q.context_id]
@@ -188,8 +190,8 @@ class ExampleSet:
 
 
 def split(questions: list[Question], contexts: dict[str, Context], seed: int,
-          val_examples: int, words: tuple[int, int] = (60, 90)
-          ) -> tuple[ExampleSet, ExampleSet | None]:
+          val_examples: int, words: tuple[int, int] = (60, 90),
+          distractors: tuple[int, int] = (2, 3)) -> tuple[ExampleSet, ExampleSet | None]:
     """Training and held-out validation sets, disjoint by context; the validation set asks
     one question a context."""
     val_ids = {c for c in contexts if is_validation(c)} if val_examples else set()
@@ -202,11 +204,11 @@ def split(questions: list[Question], contexts: dict[str, Context], seed: int,
             firsts.setdefault(q.context_id, q)
     val_q = sorted(firsts.values(), key=lambda q: q.context_id)[:val_examples]
     train = ExampleSet(train_q, {k: v for k, v in contexts.items() if k not in val_ids}, seed,
-                       words=words)
+                       words=words, distractors=distractors)
     if not val_q:
         return train, None
     val = ExampleSet(val_q, {k: v for k, v in contexts.items() if k in val_ids}, seed + 1,
-                     words=words)
+                     words=words, distractors=distractors)
     return train, val
 
 

@@ -96,3 +96,8 @@ def test_invalid_setting_fails_at_start_naming_it(db: str) -> None:
 def test_invalid_decoding_option_names_it(demo_index, env) -> None:
     r = run("ask", "What is BPE?", "--top-p", "1.5")
     assert r.returncode == 2 and "generation.top_p" in r.stderr
+
+
+def test_ui_beyond_loopback_without_a_password_refuses_to_start(db: str) -> None:
+    r = run("ui", "--host", "0.0.0.0")
+    assert r.returncode == 2 and "ui.password" in r.stderr and "Traceback" not in r.stderr

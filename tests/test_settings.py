@@ -57,3 +57,24 @@ def test_unknown_key_in_file_is_refused(tmp_path: Path) -> None:
 def test_missing_config_file_is_reported(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="config file not found"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_ui_is_private_unless_a_password_guards_it() -> None:
+    assert load_settings().ui.host == "127.0.0.1"
+    with pytest.raises(SettingsError, match="ui.password"):
+        load_settings(ui={"host": "0.0.0.0"})
+    exposed = load_settings(ui={"host": "0.0.0.0", "password": "long secret"})
+    assert "long secret" not in repr(exposed) and "long secret" not in exposed.model_dump_json()
+    with pytest.raises(SettingsError, match="ui.password must not be empty"):
+        load_settings(ui={"password": ""})
+
+
+def test_host_check_names_only_this_machine() -> None:
+    from ui.gate import allowed_host
+
+    ui = load_settings().ui
+    for ok in ("localhost:8501", "127.0.0.1:8501", "[::1]:8501", "http://localhost:8501"):
+        assert allowed_host(ok, ui), ok
+    for bad in ("evil.example:8501", "http://evil.example", "", "127.0.0.1.evil.example"):
+        assert not allowed_host(bad, ui), bad
+    assert allowed_host("evil.example", load_settings(ui={"password": "pw"}).ui)

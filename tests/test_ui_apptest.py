@@ -93,3 +93,16 @@ def test_document_text_renders_inert() -> None:
 def test_chat_page_shows_no_stray_objects(app: AppTest) -> None:
     # Streamlit renders bare expressions ("magic"): only the page's own elements may appear.
     assert not app.get("help") and not app.table and not app.json
+
+
+def test_password_gate_comes_before_any_page(demo_index, env) -> None:
+    env.setenv("RAG_UI__PASSWORD", "correct horse")
+    at = AppTest.from_file(APP, default_timeout=600)
+    at.run()
+    assert not at.exception and not at.chat_input  # nothing of the app before sign-in
+    at.text_input[0].set_value("wrong")  # a form sends its values with its button
+    at.button[0].click().run()
+    assert any("Wrong password" in e.value for e in at.error) and not at.chat_input
+    at.text_input[0].set_value("correct horse")
+    at.button[0].click().run()
+    assert not at.exception and at.chat_input

@@ -74,14 +74,83 @@ def test_terminating_rag_ui_stops_its_server(env, tmp_path: Path) -> None:
             urllib.request.urlopen(url + "/_stcore/health", timeout=2)
 
 
+def _listening(port: int) -> set[str]:
+    """Local addresses (as /proc/net/tcp{,6} spell them) of sockets listening on `port`."""
+    found = set()
+    for name in ("tcp", "tcp6"):
+        path = Path("/proc/net") / name
+        for line in path.read_text().splitlines()[1:] if path.exists() else []:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(address)
+    return found
+
+
+def _chromium(p, *args: str):
+    return p.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", *args])
+
+
+@contextmanager
+def leak_server() -> Iterator[tuple[str, list[str]]]:
+    """An HTTP server on loopback that records every path requested of it."""
+    import http.server
+    import threading
+
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append(self.path)
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", seen
+    finally:
+        httpd.shutdown()
+
+
+def test_ui_listens_on_loopback_only_and_refuses_other_host_names(env, tmp_path: Path) -> None:
+    """Private by default: loopback only, no lookup of the machine's external address, and
+    a page of another site that resolves its own name to this machine (DNS rebinding)
+    gets a refusal, not the app."""
+    from playwright.sync_api import sync_playwright
+
+    log_path = tmp_path / "ui.log"
+    with ui_server(log_path) as (_, url):
+        port = int(url.rsplit(":", 1)[1])
+        assert _listening(port) == {"0100007F"}  # 127.0.0.1, and nothing else
+        deadline = time.time() + 30
+        while f"URL: http://127.0.0.1:{port}" not in log_path.read_text():
+            assert time.time() < deadline, log_path.read_text()
+            time.sleep(0.5)
+        assert "Network URL" not in log_path.read_text()
+        assert "External URL" not in log_path.read_text()
+        with sync_playwright() as p:
+            browser = _chromium(p, "--host-resolver-rules=MAP evil.example 127.0.0.1")
+            page = browser.new_page()
+            page.goto(f"http://evil.example:{port}/documents")
+            page.get_by_text("answers only at its own address").wait_for(timeout=120_000)
+            idle(page)
+            assert page.locator("input[type=file]").count() == 0
+            assert page.get_by_test_id("stSidebarNav").count() == 0
+            browser.close()
+
+
 @pytest.fixture
 def page(server: str):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = _chromium(p)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(server)
         page.get_by_test_id("stChatInputTextArea").wait_for(timeout=120_000)  # first run done
@@ -108,9 +177,18 @@ def ask(page, question: str) -> str:
 
 @pytest.mark.parametrize("server", ["empty"], indirect=True)
 def test_upload_ask_delete_in_browser(page, server: str, tmp_path: Path, shots: Path) -> None:
+    with leak_server() as (leak, requested):
+        _upload_ask_delete(page, server, tmp_path, shots, leak)
+    # the document's image and link are shown as text: the browser never fetched them
+    assert requested == []
+
+
+def _upload_ask_delete(page, server: str, tmp_path: Path, shots: Path, leak: str) -> None:
     note = tmp_path / "reactor-notes.md"
     note.write_text("# Kepler station\n\nThe Zorblat reactor on Kepler station produces "
-                    "42 gigawatts of power. It was switched on in 2091.\n")
+                    "42 gigawatts of power. It was switched on in 2091. "
+                    f"![diagram]({leak}/leak.png?data=quokka) <img src='{leak}/img.png'> "
+                    f"[manual]({leak}/manual)\n")
     page.goto(server + "/documents")
     page.get_by_text("No documents yet").wait_for(timeout=120_000)
     page.locator("input[type=file]").set_input_files(str(note))
@@ -132,6 +210,10 @@ def test_upload_ask_delete_in_browser(page, server: str, tmp_path: Path, shots: 
     # by the model, or matched to its words
     assert re.search(r"· (the answer is copied from here|cited|matched to the answer)",
                      card.inner_text()), card.inner_text()
+    if not card.get_by_text("![diagram]").count():  # a collapsed card: open it
+        card.locator("summary").click()
+    card.get_by_text("![diagram]").first.wait_for(timeout=10_000)  # shown, as text
+    assert card.locator("img, a[href*='manual']").count() == 0
 
     page.goto(server + "/documents")
     idle(page)

@@ -34,13 +34,17 @@ def _services(settings_json: str) -> Services:
     return Services(Settings.model_validate_json(settings_json))
 
 
-def services() -> Services:
+def settings() -> Settings:
+    """This process's settings (env and `--config`); an invalid one stops the page."""
     try:
-        settings = load_settings(_config_file())
+        return load_settings(_config_file())
     except RagError as e:
         st.error(str(e))
         st.stop()
-    return _services(settings.model_dump_json())
+
+
+def services() -> Services:
+    return _services(settings().model_dump_json())
 
 
 def messages() -> list[dict[str, Any]]:

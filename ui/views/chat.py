@@ -62,7 +62,10 @@ with st.chat_message("assistant"):
                     result["answer"] = event.to_json()
                 else:
                     wait_box.empty()
-                    yield event
+                    # st.write_stream renders Markdown: model text, copied from documents,
+                    # must not become an image or link while it streams (a request to a
+                    # URL from a document would leave the machine).
+                    yield render.escape_markdown(event)
 
         beams = state.options().get("num_beams", 1) > 1
         with answer_box.container(), st.spinner(
