@@ -157,7 +157,7 @@ class RagChain:
         overrides = {k: v for k, v in x.get("generation", {}).items() if v is not None}
         if generation_options(self.generation, overrides).answer_mode == "grounded":
             overrides["grounding"] = Grounding([d.page_content for d in x["docs"]],
-                                               [NOT_FOUND])
+                                               [NOT_FOUND], question=x["query"])
         gate = self.chat_model.lm.gate
         ticket = gate.enter()
         entered = time.perf_counter()

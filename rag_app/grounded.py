@@ -17,9 +17,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from transformers import LogitsProcessor, PreTrainedTokenizerBase
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from rag_app.citations import content_words
 
 SPACE = "Ġ"  # byte-level BPE's leading-space marker
 
@@ -31,6 +35,7 @@ class Grounding:
 
     passages: Sequence[str]
     extra: Sequence[str] = ()
+    question: str = ""  # for generation.echo_penalty
 
 
 @dataclass(frozen=True)
@@ -44,50 +49,111 @@ class Span:
     text: str
 
 
+@lru_cache(maxsize=4)
+def token_bytes(tokenizer: PreTrainedTokenizerBase) -> tuple[dict[bytes, int], int]:
+    """The bytes each ordinary token writes (special tokens left out), and the longest.
+
+    Byte-level BPE (GPT-2, Llama 3, SmolLM2) spells bytes with printable stand-ins ("Ġ" for
+    a space); SentencePiece vocabularies use "▁" for a space and `<0xNN>` for raw bytes."""
+    special = set(tokenizer.all_special_ids)
+    decoder = {c: b for b, c in bytes_to_unicode().items()}
+    out: dict[bytes, int] = {}
+    for tok, i in tokenizer.get_vocab().items():
+        if i in special or not tok:
+            continue
+        if all(c in decoder for c in tok):
+            raw = bytes(decoder[c] for c in tok)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", tok):
+            raw = bytes([int(tok[3:5], 16)])
+        else:
+            raw = tok.replace("▁", " ").encode()
+        out.setdefault(raw, i)
+    return out, max(map(len, out), default=1)
+
+
+def _wordish(byte: int) -> bool:
+    """A letter or digit (any byte of a non-ASCII character counts as one)."""
+    return byte >= 0x80 or chr(byte).isalnum()
+
+
 class SpanIndex:
-    """The passages' token ids, with every position of each token for fast starts.
+    """Matches a decoded answer against the passages byte by byte, whatever the tokens.
 
     `passages`: texts in source order; `extra`: further allowed texts (the "not found" reply).
-    Passages are tokenised after a space, so their words carry the leading-space form the
-    model writes inside a sentence; an answer's first token may also be the same word
-    without its space, as a reply starts.
+    Texts are compared with their whitespace collapsed. An answer starts at a word of a
+    passage, with or without the space before it (a reply's first word has none, so its
+    tokens differ from the passage's: "S" "anta" against " Santa"); every later token must
+    continue the same text; it may end only where a word ends, so it never stops at "S".
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, passages: Sequence[str],
                  extra: Sequence[str] = ()) -> None:
-        self.seqs: list[list[int]] = [
-            tokenizer(" " + " ".join(t.split()), add_special_tokens=False)["input_ids"]
-            for t in [*passages, *extra]]
+        self.tokenizer = tokenizer
+        self.data = [(" " + " ".join(t.split())).encode() for t in [*passages, *extra]]
         self.n_passages = len(passages)
-        self.starts: dict[int, list[tuple[int, int]]] = {}  # token -> [(seq, position)]
-        vocab = tokenizer.get_vocab()
-        for s, seq in enumerate(self.seqs):
-            for j, tok in enumerate(seq):
-                self.starts.setdefault(tok, []).append((s, j))
-                bare = tokenizer.convert_ids_to_tokens(tok)
-                if bare.startswith(SPACE) and len(bare) > 1 and bare[1:] in vocab:
-                    self.starts.setdefault(vocab[bare[1:]], []).append((s, j))
-        self.first = torch.tensor(sorted(self.starts), dtype=torch.long)
+        self.by_bytes, self.longest = token_bytes(tokenizer)
+        self.start_at: list[tuple[int, int]] = []  # (text, byte offset) an answer may start at
+        for t, d in enumerate(self.data):
+            for o in range(1, len(d)):
+                if _wordish(d[o]) and not _wordish(d[o - 1]) or (
+                        d[o] != 0x20 and d[o - 1] == 0x20):
+                    self.start_at.append((t, o))
+                    if d[o - 1] == 0x20:
+                        self.start_at.append((t, o - 1))
         self._memo: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        self._tokens = {i: b for b, i in self.by_bytes.items()}
+        self.first = torch.tensor(sorted(self._continuing(self.start_at)), dtype=torch.long)
+
+    def _continuing(self, positions: Sequence[tuple[int, int]]) -> set[int]:
+        """Tokens whose bytes come next at one of `positions`."""
+        found = set()
+        for t, o in positions:
+            d = self.data[t]
+            for n in range(1, min(self.longest, len(d) - o) + 1):
+                tok = self.by_bytes.get(d[o:o + n])
+                if tok is not None:
+                    found.add(tok)
+        return found
+
+    def echo_starts(self, tokenizer: PreTrainedTokenizerBase, question: str) -> list[int]:
+        """First tokens that begin a word of the question (a content word, or the start of
+        one: `Lev` of `Levi's`)."""
+        words = content_words(question)
+        out = []
+        for tok in self.first.tolist():
+            piece = re.sub(r"[^\w]", "", tokenizer.decode([tok]).lower())
+            if piece and (piece in words or (len(piece) >= 3 and any(
+                    w.startswith(piece) for w in words))):
+                out.append(tok)
+        return sorted(out)
 
     def matches(self, generated: tuple[int, ...]) -> list[tuple[int, int]]:
-        """(seq, next position) of every span equal to `generated`."""
+        """(text, byte offset after it) of every copy of `generated` in the texts."""
         if generated in self._memo:
             return self._memo[generated]
-        if len(generated) == 1:
-            found = [(s, j + 1) for s, j in self.starts.get(generated[0], [])]
+        raw = self._tokens.get(generated[-1]) if generated else b""
+        if raw is None:  # a special token: never part of a copy
+            found: list[tuple[int, int]] = []
         else:
-            found = [(s, j + 1) for s, j in self.matches(generated[:-1])
-                     if j < len(self.seqs[s]) and self.seqs[s][j] == generated[-1]]
+            before = self.start_at if len(generated) == 1 else self.matches(generated[:-1])
+            found = [(t, o + len(raw)) for t, o in before
+                     if self.data[t].startswith(raw, o)]
         if len(self._memo) > 50_000:  # bounded: a long beam search cannot grow it forever
             self._memo.clear()
         self._memo[generated] = found
         return found
 
     def allowed(self, generated: tuple[int, ...]) -> list[int]:
-        """The tokens that continue some span equal to `generated` (none: the span is over)."""
-        return sorted({self.seqs[s][j] for s, j in self.matches(generated)
-                       if j < len(self.seqs[s])})
+        """The tokens that continue some copy of `generated` (none: the text is over)."""
+        return sorted(self._continuing(self.matches(generated)))
+
+    def at_word_end(self, generated: tuple[int, ...]) -> bool:
+        """Some copy of `generated` ends where a word ends (the answer may stop here)."""
+        for t, o in self.matches(generated):
+            d = self.data[t]
+            if o >= len(d) or not _wordish(d[o]) or not _wordish(d[o - 1]):
+                return True
+        return False
 
 
 class GroundedLogitsProcessor(LogitsProcessor):
@@ -99,8 +165,10 @@ class GroundedLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, index: SpanIndex, prompt_len: int, ends: Sequence[int],
-                 eos: set[int]) -> None:
+                 eos: set[int], echo: Sequence[int] = (), echo_penalty: float = 0.0) -> None:
         self.index = index
+        self.echo = torch.tensor(sorted(echo), dtype=torch.long)  # penalised first tokens
+        self.echo_penalty = echo_penalty
         self.prompt_len = prompt_len
         self.ends = torch.tensor(sorted(set(ends) | eos), dtype=torch.long)
         self.brackets = set(ends) - eos
@@ -116,9 +184,13 @@ class GroundedLogitsProcessor(LogitsProcessor):
             elif generated[-1] in self.brackets:  # the span ended with " [": stop here
                 allow = self.eos
             else:
-                cont = torch.tensor(self.index.allowed(generated), dtype=torch.long)
-                allow = torch.cat([cont, self.ends])
+                cont = self.index.allowed(generated)
+                allow = torch.tensor(cont, dtype=torch.long)
+                if not cont or self.index.at_word_end(generated):
+                    allow = torch.cat([allow, self.ends])
             mask[row, allow] = 0.0
+            if not generated and self.echo_penalty and len(self.echo):
+                mask[row, self.echo] -= self.echo_penalty
         return scores + mask
 
 

@@ -138,7 +138,7 @@ class LocalLM:
         """
         enc = self.encode_chat(messages)
         prompt_len = int(enc["input_ids"].shape[1])
-        first = self._grounded(grounding, prompt_len)
+        first = self._grounded(grounding, prompt_len, options.echo_penalty)
         config = self._generation_config(options, stop, warp=not first)
         if options.seed is not None:
             set_seed(options.seed)
@@ -214,14 +214,16 @@ class LocalLM:
                          first if first is not None else total, total, streamed=True,
                          token_ids=ids.tolist())
 
-    def _grounded(self, grounding: Grounding | None, prompt_len: int
-                  ) -> list[GroundedLogitsProcessor]:
+    def _grounded(self, grounding: Grounding | None, prompt_len: int,
+                  echo_penalty: float = 0.0) -> list[GroundedLogitsProcessor]:
         """The grounded mask for this prompt, or nothing (free answers)."""
         if grounding is None:
             return []
         index = SpanIndex(self.tokenizer, grounding.passages, grounding.extra)
+        echo = (index.echo_starts(self.tokenizer, grounding.question)
+                if echo_penalty and grounding.question else [])
         return [GroundedLogitsProcessor(index, prompt_len, bracket_tokens(self.tokenizer),
-                                        self._eos_ids())]
+                                        self._eos_ids(), echo, echo_penalty)]
 
     def _stream_fast(self, enc: dict[str, torch.Tensor], options: GenerationSettings,
                      stop: Sequence[str] | None, started: float,

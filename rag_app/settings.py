@@ -97,6 +97,10 @@ class GenerationSettings(BaseModel):
         0.0, ge=0.0, le=1.0, description="Grounded answers: a copied span whose mean token "
         "probability under the model is below this is not trusted, and the reply is "
         "'not found' (0 = off).")
+    echo_penalty: float = Field(
+        0.0, ge=0.0, description="Grounded answers: logits taken off beginning the answer "
+        "with a word of the question (a small model tends to copy the question's topic, "
+        "'Super Bowl 50', instead of answering it); 0 = off.")
 
     @model_validator(mode="after")
     def _beams_without_sampling(self) -> GenerationSettings:

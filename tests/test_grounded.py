@@ -76,6 +76,22 @@ def test_grounded_decoding_never_leaves_the_passages(engines, engine: str,
         assert text in NOT_FOUND or locate_span(text, passages) is not None, gen.text
 
 
+def test_echo_penalty_keeps_the_answer_from_starting_with_the_question(engines) -> None:
+    from langchain_core.documents import Document
+
+    lm = engines["fast"]
+    passages = ["Super Bowl 50 was played at Levi's Stadium in Santa Clara, California."]
+    question = "What city did Super Bowl 50 take place in?"
+    index = SpanIndex(lm.tokenizer, passages)
+    echo = {lm.tokenizer.decode([t]).strip() for t in index.echo_starts(lm.tokenizer, question)}
+    assert {"Super", "Bowl"} <= echo and not echo & {"Santa", "S", "Lev", "was"}, echo
+    messages = build_messages(question, [Document(passages[0], metadata={"source": "a.txt"})])
+    grounding = Grounding(passages, [NOT_FOUND], question=question)
+    options = GenerationSettings(max_new_tokens=8, echo_penalty=1000.0)
+    gen = lm.generate(messages, options, grounding=grounding)
+    assert gen.text.strip() and not gen.text.strip().startswith(("Super", "Bowl", "50")), gen.text
+
+
 def test_free_decoding_leaves_the_passages(engines) -> None:
     """The check above can fail: a free answer is not a copy."""
     lm = engines["fast"]
