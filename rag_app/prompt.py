@@ -67,7 +67,8 @@ def parse_citations(answer: str, n_sources: int) -> list[int]:
     for group in _CITATION.findall(answer):
         for part in re.split(r"\s*[,;]\s*", group):
             lo, _, hi = part.partition("-")
-            for n in range(int(lo), int(hi or lo) + 1):
+            # clamped to the sources: "[1-10000000]" costs n_sources steps, not ten million
+            for n in range(max(1, int(lo)), min(int(hi or lo), n_sources) + 1):
                 if 1 <= n <= n_sources and n not in cited:
                     cited.append(n)
     return cited

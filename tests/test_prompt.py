@@ -21,6 +21,8 @@ def test_sources_are_numbered_with_file_and_page() -> None:
 def test_parse_citations_keeps_order_and_drops_unknown_numbers() -> None:
     text = "A [2]. B [1, 3]. C [7]. D [2-3]. E [0]."
     assert parse_citations(text, 3) == [2, 1, 3]
+    # a range is clamped to the sources before it is walked (unclamped: 10^15 steps)
+    assert parse_citations("[2-999999999999999] [0-1]", 4) == [2, 3, 4, 1]
     assert parse_citations("no citations", 3) == []
 
 
