@@ -9,6 +9,7 @@ that replaces those documents whole, so a crash never leaves half a document vis
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -74,9 +75,12 @@ class Ingestor:
         self.overlap_tokens = min(chunking.overlap_tokens, self.size_tokens // 2)
 
     def ingest(self, files: Iterable[Item], collection: str, progress: Progress | None = None,
-               sync_prefixes: Iterable[str] = ()) -> IngestReport:
+               sync_prefixes: Iterable[str] = (), sync_glob: str | None = None
+               ) -> IngestReport:
         """Ingest `files`; with `sync_prefixes`, also remove stored documents under those
-        prefixes that were not seen in `files` (their files are gone)."""
+        prefixes that were not seen in `files` (their files are gone): only those the walk
+        would have selected (`sync_glob`, the walk's pattern) and none under a path that
+        failed (an unreadable folder or archive proves nothing gone)."""
         report = IngestReport()
         known = self.store.document_hashes(collection)
         pending: list[_Pending] = []
@@ -100,16 +104,20 @@ class Ingestor:
             if sum(len(p.rows) for p in pending) >= self.limits.batch_chunks:
                 self._flush(collection, pending, finish)
         self._flush(collection, pending, finish)
-        return self._conclude(collection, report, known, sync_prefixes)
+        return self._conclude(collection, report, known, sync_prefixes, sync_glob)
 
     def _conclude(self, collection: str, report: IngestReport, known: dict[str, str],
-                  sync_prefixes: Iterable[str]) -> IngestReport:
+                  sync_prefixes: Iterable[str], sync_glob: str | None = None) -> IngestReport:
         """Remove synced documents whose files are gone; bring the indexes up to date (also
         after a run that wrote nothing: a crash may have come before an index update)."""
         if sync_prefixes:
             seen = {r.path for r in report.results}
+            # a failed entry of an archive stops its reading (a size limit): the archive's
+            # other entries may be unread, not gone
+            failed = [_archive(r.path) for r in report.results if r.status == "failed"]
             gone = [s for s in known if s not in seen
-                    and any(s == p or s.startswith(p.rstrip("/") + "/") for p in sync_prefixes)]
+                    and any(proven_gone(s, p, sync_glob) for p in sync_prefixes)
+                    and not any(_under(s, f) for f in failed)]
             self.store.delete_documents(collection, gone)
             report.removed = sorted(gone)
         self.store.refresh_indexes(collection)
@@ -188,3 +196,26 @@ def document_rows(source: str, data: bytes, digest: str, count_tokens: Callable[
         for c in chunks
     ]
     return rows, [embedding_text(doc.title, c.heading, c.text) for c in chunks]
+
+
+def _archive(source: str) -> str:
+    """The file on disk a source comes from: a zip entry's archive, else itself."""
+    at = source.lower().find(".zip/")
+    return source[:at + 4] if at >= 0 else source
+
+
+def _under(source: str, prefix: str) -> bool:
+    return source == prefix or source.startswith(prefix.rstrip("/") + "/")
+
+
+def proven_gone(source: str, root: str, pattern: str | None) -> bool:
+    """Would a walk of `root` with `pattern` have yielded `source` (so, not yielded, its file
+    is gone)? A zip entry stands or falls with its archive; a root given as a file is
+    always walked, a file inside a folder only if the pattern selects it."""
+    if source == root:
+        return True
+    if not _under(source, root):
+        return False
+    rel = _archive(source)[len(root.rstrip("/")) + 1:]
+    return pattern is None or fnmatch.fnmatch(rel, pattern)
+

@@ -84,7 +84,8 @@ class RayIngestor(Ingestor):
         self.embedding = embedding or EmbeddingSettings(model=embedder.name)
 
     def ingest(self, files: Iterable[Item], collection: str, progress: Progress | None = None,
-               sync_prefixes: Iterable[str] = ()) -> IngestReport:
+               sync_prefixes: Iterable[str] = (), sync_glob: str | None = None
+               ) -> IngestReport:
         """As `Ingestor.ingest`; results come out in input order."""
         self._connect()
         workers_read = self._workers_read()
@@ -139,7 +140,7 @@ class RayIngestor(Ingestor):
                    if prev.status == "failed" else FileResult(source, "unchanged"))
 
         report = IngestReport(results=[done[k] for k in sorted(done)])
-        return self._conclude(collection, report, known, sync_prefixes)
+        return self._conclude(collection, report, known, sync_prefixes, sync_glob)
 
     # -- Ray ------------------------------------------------------------------------------
     def _connect(self) -> None:

