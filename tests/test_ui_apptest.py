@@ -86,6 +86,9 @@ def test_document_text_renders_inert() -> None:
     shown = highlight(hostile, "click alert")
     assert "<script>" not in shown and "](javascript" not in shown and "**" not in shown
     assert ":orange-background[click]" in shown
+    # bare URLs, www. names and addresses would become live links (GFM autolinks)
+    linked = highlight("http://127.0.0.1:9/leak www.example.com me@example.com", "leak")
+    assert "://" not in linked and "www\\." not in linked and "@e" not in linked
     answer = answer_markdown("Paris [1] and [9] <b>x</b>", n_sources=2)
     assert ":blue-badge[1]" in answer and "\\[9\\]" in answer and "<b>" not in answer
 

@@ -213,7 +213,9 @@ def _upload_ask_delete(page, server: str, tmp_path: Path, shots: Path, leak: str
     if not card.get_by_text("![diagram]").count():  # a collapsed card: open it
         card.locator("summary").click()
     card.get_by_text("![diagram]").first.wait_for(timeout=10_000)  # shown, as text
-    assert card.locator("img, a[href*='manual']").count() == 0
+    live = card.locator(f"img[src*='{leak}'], a[href^='{leak}']")
+    assert live.count() == 0, [live.nth(i).evaluate("e => e.outerHTML")
+                               for i in range(live.count())]
 
     page.goto(server + "/documents")
     idle(page)

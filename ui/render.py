@@ -15,8 +15,16 @@ _STOP = {"the", "and", "for", "are", "was", "what", "which", "how", "does", "wit
 CITED, MATCHED, RETRIEVED = "blue", "violet", "gray"
 
 
+# Streamlit's Markdown turns bare URLs, `www.` names and e-mail addresses in plain text into
+# live links after escapes are resolved (GFM autolink literals), so escaping cannot stop
+# them: an invisible word joiner inside each pattern does.
+_AUTOLINK = re.compile(r"(?i)(?<=:)(?=//)|(?<=www)(?=\.)|(?<=@)")
+_JOINER = "\u2060"
+
+
 def escape_markdown(text: str) -> str:
     """Make arbitrary text inert in st.markdown: no links, HTML, formatting or math."""
+    text = _AUTOLINK.sub(_JOINER, text)
     return _MD_SPECIAL.sub(r"\\\1", text).replace("\n", "  \n")
 
 

@@ -62,16 +62,19 @@ with st.chat_message("assistant"):
                     result["answer"] = event.to_json()
                 else:
                     wait_box.empty()
-                    # st.write_stream renders Markdown: model text, copied from documents,
-                    # must not become an image or link while it streams (a request to a
-                    # URL from a document would leave the machine).
-                    yield render.escape_markdown(event)
+                    yield event
 
         beams = state.options().get("num_beams", 1) > 1
         with answer_box.container(), st.spinner(
                 "Beam search (not streamed): the answer appears when it is done…"
                 if beams else "Generating…"):
-            st.write_stream(tokens())
+            # The text so far, escaped as a whole each time (not token by token, which
+            # would miss a URL split across tokens): model text copied from documents
+            # never becomes an image or a link while it streams.
+            shown, text = st.empty(), ""
+            for piece in tokens():
+                text += piece
+                shown.markdown(render.escape_markdown(text))
     except RagError as e:
         st.error(str(e))
         st.stop()
