@@ -11,13 +11,16 @@ from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.vectorstores.utils import maximal_marginal_relevance
-from pydantic import ConfigDict, ValidationError
+from pydantic import ConfigDict, ValidationError, model_validator
 
 from rag_app.embeddings import Embedder
 from rag_app.errors import SettingsError
 from rag_app.fusion import fusion_reranker
 from rag_app.settings import RetrievalSettings, format_validation_error
 from rag_app.store import ChunkStore, Hit, sql_string
+
+OVERRIDES = ("k", "mode", "min_similarity", "mmr", "mmr_lambda", "fetch_k", "rerank", "source",
+             "page")
 
 
 def hit_to_document(hit: Hit) -> Document:
@@ -34,24 +37,45 @@ class LanceRetriever(BaseRetriever):
     unrelated question retrieves nothing rather than noise.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")  # no typo passes
 
     store: ChunkStore
     embedder: Embedder
     collection: str
     settings: RetrievalSettings
     reranker: Callable[[], Reranker] | None = None  # built on first use of `rerank`
+    # Constructor overrides of `settings` (None: the setting's value), as in
+    # LanceRetriever(..., k=3); keyword arguments of a call override both.
+    k: int | None = None
+    mode: str | None = None
+    min_similarity: float | None = None
+    mmr: bool | None = None
+    mmr_lambda: float | None = None
+    fetch_k: int | None = None
+    rerank: bool | None = None
+    source: str | None = None
+    page: int | None = None
+
+    @model_validator(mode="after")
+    def _valid_overrides(self) -> LanceRetriever:
+        self._options({})  # a bad k or mode fails here, naming the setting
+        return self
+
+    def _options(self, kwargs: dict[str, Any]) -> tuple[RetrievalSettings, dict[str, Any]]:
+        given = {name: getattr(self, name) for name in OVERRIDES}
+        given.update(kwargs)
+        given = {k: v for k, v in given.items() if v is not None}
+        opts = self.settings.model_copy(
+            update={k: v for k, v in given.items() if k in RetrievalSettings.model_fields})
+        try:
+            return RetrievalSettings.model_validate(opts.model_dump()), given
+        except ValidationError as e:
+            raise SettingsError(format_validation_error(e, "retrieval")) from e
 
     def _get_relevant_documents(
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun, **kwargs: Any
     ) -> list[Document]:
-        opts = self.settings.model_copy(
-            update={k: v for k, v in kwargs.items()
-                    if k in RetrievalSettings.model_fields and v is not None})
-        try:
-            opts = RetrievalSettings.model_validate(opts.model_dump())
-        except ValidationError as e:
-            raise SettingsError(format_validation_error(e, "retrieval")) from e
+        opts, kwargs = self._options(kwargs)
         vector = self.embedder.embed_query(query)
         # Settings validation guarantees a rerank_model, hence a reranker, when rerank is on.
         reranker = self.reranker() if opts.rerank and self.reranker else None

@@ -126,3 +126,21 @@ def test_rerank_orders_candidates_by_the_cross_encoder(lean: Services) -> None:
     assert [d.metadata["score"] for d in docs] == pytest.approx(expected, rel=1e-4)
     assert expected == sorted(expected, reverse=True)
     assert len(docs) == 3  # every candidate was scored, the best k kept
+
+
+def test_retriever_takes_search_options_as_fields_and_refuses_unknown_ones(
+        lean: Services) -> None:
+    from rag_app.errors import SettingsError
+    from rag_app.retriever import LanceRetriever
+
+    base = {"store": lean.store, "embedder": lean.embedder, "collection": "c",
+            "settings": lean.settings.retrieval}
+    two = LanceRetriever(**base, k=2, min_similarity=-1)
+    assert len(two.invoke("engine bread warehouse")) == 2
+    assert len(two.invoke("engine bread warehouse", k=1)) == 1  # a call overrides the field
+    assert names(LanceRetriever(**base, source="upload/parts.md", min_similarity=-1)
+                 .invoke("anything")) == ["upload/parts.md"]
+    with pytest.raises(ValueError, match="kk"):
+        LanceRetriever(**base, kk=2)  # a typo is refused, not ignored
+    with pytest.raises(SettingsError, match="retrieval.k"):
+        LanceRetriever(**base, k=0)
