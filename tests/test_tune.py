@@ -148,7 +148,9 @@ def test_adapter_merged_into_the_fast_decoder_changes_logits_like_peft(
     change, fast_change = reference - plain, merged - quantized
     assert change.abs().max() > 1.0  # the adapter matters: the test can fail
     assert torch.nn.functional.cosine_similarity(change, fast_change, 0) > 0.9
-    assert (merged - reference).abs().mean() < 0.5 * change.abs().mean()
+    # the fast decoder's change is the adapter's: its own int4 error on the base logits
+    # (about 0.14 on average, whatever the adapter) cancels out of the difference
+    assert (fast_change - change).abs().mean() < 0.5 * change.abs().mean()
 
 
 def _one_line(e: pytest.ExceptionInfo) -> str:
