@@ -15,6 +15,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
     YamlConfigSettingsSource,
 )
+from pydantic_settings.exceptions import SettingsError as PydanticSettingsError
+from yaml import YAMLError
 
 from rag_app.errors import SettingsError
 
@@ -51,9 +53,11 @@ class ChunkSettings(BaseModel):
 
 
 class IngestionSettings(BaseModel):
-    max_file_mb: float = Field(100, gt=0, description="Files larger than this are refused.")
+    max_file_mb: float = Field(100, gt=0, allow_inf_nan=False,
+                               description="Files larger than this are refused.")
     max_archive_mb: float = Field(
-        1024, gt=0, description="Total uncompressed size read from one zip (bounds zip bombs).")
+        1024, gt=0, allow_inf_nan=False,
+        description="Total uncompressed size read from one zip (bounds zip bombs).")
     batch_chunks: int = Field(
         256, ge=1, description="Chunks embedded and written together (bounds memory).")
     max_depth: int = Field(MAX_DEPTH, ge=1, le=10_000, description="Folders nested deeper "
@@ -329,6 +333,13 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         return cls(**overrides)
     except ValidationError as e:
         raise SettingsError(format_validation_error(e)) from e
+    except PydanticSettingsError as e:  # an env var that is not valid JSON, say
+        raise SettingsError(f"invalid setting: {e}") from e
+    except (ValueError, TypeError, UnicodeDecodeError, YAMLError) as e:
+        # a config file that is not valid TOML/YAML, not UTF-8, or not a table of settings
+        where = config_file if config_file is not None else "the settings"
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SettingsError(f"{where}: not a valid settings file ({first})") from e
 
 
 def format_validation_error(e: ValidationError, section: str | None = None) -> str:

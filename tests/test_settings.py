@@ -78,3 +78,29 @@ def test_host_check_names_only_this_machine() -> None:
     for bad in ("evil.example:8501", "http://evil.example", "", "127.0.0.1.evil.example"):
         assert not allowed_host(bad, ui), bad
     assert allowed_host("evil.example", load_settings(ui={"password": "pw"}).ui)
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("bad.toml", b"[llm\nmodel = 1\n"),  # malformed TOML
+    ("latin1.toml", b'collection = "caf\xe9"\n'),  # not UTF-8
+    ("bad.yaml", b"a: [1\n"),  # malformed YAML
+    ("list.yaml", b"- 1\n- 2\n"),  # YAML, but not a table of settings
+])
+def test_a_broken_settings_file_is_one_error_naming_it(tmp_path: Path, name: str,
+                                                       content: bytes) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(SettingsError, match=rf"{name}: not a valid settings file"):
+        load_settings(path)
+
+
+@pytest.mark.parametrize(("var", "value", "says"), [
+    ("RAG_DB_STORAGE_OPTIONS", "not json", "db_storage_options"),
+    ("RAG_INGESTION__MAX_FILE_MB", "inf", "ingestion.max_file_mb"),
+    ("RAG_INGESTION__MAX_ARCHIVE_MB", "nan", "ingestion.max_archive_mb"),
+])
+def test_unparsable_or_infinite_env_values_name_the_setting(
+        monkeypatch: pytest.MonkeyPatch, var: str, value: str, says: str) -> None:
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SettingsError, match=says):
+        load_settings()
