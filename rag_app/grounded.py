@@ -50,8 +50,10 @@ class Span:
 
 
 @lru_cache(maxsize=4)
-def token_bytes(tokenizer: PreTrainedTokenizerBase) -> tuple[dict[bytes, int], int]:
-    """The bytes each ordinary token writes (special tokens left out), and the longest.
+def token_bytes(tokenizer: PreTrainedTokenizerBase
+                ) -> tuple[dict[bytes, int], dict[int, bytes], int]:
+    """The bytes each ordinary token writes (special tokens left out), both ways, and the
+    longest; computed once per tokenizer, not per answer.
 
     Byte-level BPE (GPT-2, Llama 3, SmolLM2) spells bytes with printable stand-ins ("Ġ" for
     a space); SentencePiece vocabularies use "▁" for a space and `<0xNN>` for raw bytes."""
@@ -68,7 +70,7 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase) -> tuple[dict[bytes, int], i
         else:
             raw = tok.replace("▁", " ").encode()
         out.setdefault(raw, i)
-    return out, max(map(len, out), default=1)
+    return out, {i: b for b, i in out.items()}, max(map(len, out), default=1)
 
 
 def _wordish(byte: int) -> bool:
@@ -88,10 +90,9 @@ class SpanIndex:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, passages: Sequence[str],
                  extra: Sequence[str] = ()) -> None:
-        self.tokenizer = tokenizer
         self.data = [(" " + " ".join(t.split())).encode() for t in [*passages, *extra]]
         self.n_passages = len(passages)
-        self.by_bytes, self.longest = token_bytes(tokenizer)
+        self.by_bytes, self._tokens, self.longest = token_bytes(tokenizer)
         self.start_at: list[tuple[int, int]] = []  # (text, byte offset) an answer may start at
         for t, d in enumerate(self.data):
             for o in range(1, len(d)):
@@ -101,7 +102,6 @@ class SpanIndex:
                     if d[o - 1] == 0x20:
                         self.start_at.append((t, o - 1))
         self._memo: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-        self._tokens = {i: b for b, i in self.by_bytes.items()}
         self.first = torch.tensor(sorted(self._continuing(self.start_at)), dtype=torch.long)
 
     def _continuing(self, positions: Sequence[tuple[int, int]]) -> set[int]:

@@ -215,7 +215,7 @@ class LocalLM:
                          token_ids=ids.tolist())
 
     def _grounded(self, grounding: Grounding | None, prompt_len: int,
-                  echo_penalty: float = 0.0) -> list[GroundedLogitsProcessor]:
+                  echo_penalty: float) -> list[GroundedLogitsProcessor]:
         """The grounded mask for this prompt, or nothing (free answers)."""
         if grounding is None:
             return []
