@@ -148,7 +148,11 @@ class SpanIndex:
         return sorted(self._continuing(self.matches(generated)))
 
     def at_word_end(self, generated: tuple[int, ...]) -> bool:
-        """Some copy of `generated` ends where a word ends (the answer may stop here)."""
+        """Some copy of `generated` ends where a word ends and it holds a word that carries
+        meaning (the answer may stop here: never at "S" of "Santa", nor after "and")."""
+        text = b"".join(self._tokens.get(i, b"") for i in generated)
+        if not content_words(text.decode("utf-8", errors="ignore")):
+            return False
         for t, o in self.matches(generated):
             d = self.data[t]
             if o >= len(d) or not _wordish(d[o]) or not _wordish(d[o - 1]):
@@ -204,6 +208,20 @@ def strip_end(text: str) -> str:
     """The copied span without a trailing citation bracket the model opened to end it."""
     text = text.rstrip()
     return text[:-1].rstrip() if text.endswith("[") else text
+
+
+_SENTENCE_END = re.compile(r"[.!?](?=[\s\"')\]]|$)|\n")
+
+
+def to_sentence_end(span: Span, text: str, limit: int = 300) -> Span:
+    """The span run on to the end of its sentence in `text` (its source's text), when that
+    end is within `limit` characters: the whole statement a two-part question asks about
+    ("12" -> "12 layers, hidden size 768, about 124M parameters")."""
+    m = _SENTENCE_END.search(text, span.end, span.end + limit)
+    if m is None:
+        return span
+    end = m.end() if m.group() != "\n" else m.start()
+    return Span(span.n, span.start, end, text[span.start:end])
 
 
 def locate_span(answer: str, passages: Sequence[str]) -> Span | None:

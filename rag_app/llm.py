@@ -437,14 +437,23 @@ def _fast_decoder(model: PreTrainedModel, settings: LLMSettings, device: str
             f"llm.engine=fast (RAG_LLM__ENGINE) runs Llama-architecture models on the CPU "
             f"only; llm.model={settings.model!r} is {model.config.model_type} on {device}: "
             "set llm.engine=auto or transformers")
-    if settings.engine == "fast" or (settings.engine == "auto" and fits
-                                     and settings.dtype == "auto"):
+    if settings.engine == "fast":
         return fast_decoder.FastLlama(model, _native_kernels(model, settings))
+    if settings.engine == "auto" and fits and settings.dtype == "auto":
+        native = _native_kernels(model, settings, warn=False)
+        # Without its native kernels (no AVX-512) the fast decoder's PyTorch steps take about
+        # twice generate's time to read a prompt (measured on an AVX2 CPU): auto takes it
+        # only where the kernels run, or where llm.kernels=torch asks for it.
+        if native is not None or settings.kernels == "torch":
+            return fast_decoder.FastLlama(model, native)
+        log.info("transformers generate decodes (llm.engine=fast: the fast decoder's "
+                 "PyTorch steps)")
     return None
 
 
-def _native_kernels(model: PreTrainedModel, settings: LLMSettings) -> Any:
-    """The fast decoder's native kernels, or None for PyTorch operations (llm.kernels)."""
+def _native_kernels(model: PreTrainedModel, settings: LLMSettings, warn: bool = True) -> Any:
+    """The fast decoder's native kernels, or None for PyTorch operations (llm.kernels);
+    `warn`: say so when they do not build or run here."""
     if settings.kernels == "torch":
         return None
     try:
@@ -454,7 +463,10 @@ def _native_kernels(model: PreTrainedModel, settings: LLMSettings) -> Any:
         if settings.kernels == "native":
             raise ModelLoadError(f"llm.kernels=native (RAG_LLM__KERNELS): {e}; set it to auto "
                                  "or torch") from e
-        log.warning("%s; the fast decoder uses PyTorch operations", e)
+        if warn:
+            log.warning("%s; the fast decoder uses PyTorch operations", e)
+        else:
+            log.info("%s", e)
         return None
 
 

@@ -87,6 +87,20 @@ def is_follow_up(question: str) -> bool:
     return q.startswith(_OPENERS) or len(words) <= 3 or any(w in _REFERRING for w in words)
 
 
+# ", and in what year?", " and what hidden size ...": a second question joined to the first
+# ("... and which other film": one question, not two)
+_SECOND_ASK = re.compile(
+    r"(?:,\s*|\s)and\s+(?=(?:(?:in|on|at|for|by|from|to|of|with)\s+)?"
+    r"(?:what|which|who|whom|whose|when|where|why|how)\b(?!\s+other\b)\s+\w)", re.I)
+
+
+def asks_two_things(question: str) -> bool:
+    """Does the question join a second ask to the first ("Who introduced nucleus sampling,
+    and in what year?", "How many layers and what hidden size ...")? A grounded answer to
+    it runs on to the end of the copied sentence, which holds both (one span rarely does)."""
+    return _SECOND_ASK.search(question) is not None
+
+
 def condense_question(question: str, history: Sequence[str]) -> str:
     """A standalone query for retrieval: a follow-up is prefixed with the previous question.
 

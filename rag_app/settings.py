@@ -136,7 +136,8 @@ class LLMSettings(BaseModel):
     engine: Literal["auto", "transformers", "fast"] = Field(
         "auto", description="Who decodes: transformers' generate, or the fast CPU decoder "
         "for Llama-architecture models (int4 weights, bfloat16; rag_app/fast_decoder.py). "
-        "auto = fast on CPU when the model supports it and llm.dtype is auto (every "
+        "auto = fast on CPU when the model supports it, llm.dtype is auto and its native "
+        "kernels run here (AVX-512; or llm.kernels=torch), else transformers (every "
         "strategy, beam search included).")
     kernels: Literal["auto", "native", "torch"] = Field(
         "auto", description="How the fast decoder runs a decoding step: native (one C++ call "

@@ -37,7 +37,8 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_settings(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Settings:
     db = tmp_path_factory.mktemp("demo-db")
-    return load_settings(db_uri=str(db), llm={"cache_dir": str(cache_dir)},
+    # the fast decoder on every machine (auto takes it only where its native kernels run)
+    return load_settings(db_uri=str(db), llm={"cache_dir": str(cache_dir), "engine": "fast"},
                          generation={"max_new_tokens": 96})
 
 

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from rag_app.chain import FOLLOWS_NOT_FOUND, Turn
-from rag_app.grounded import Grounding, SpanIndex, locate_span, strip_end
+from rag_app.grounded import Grounding, SpanIndex, locate_span, strip_end, to_sentence_end
 from rag_app.llm import LocalLM
 from rag_app.prompt import NOT_FOUND, build_messages
 from rag_app.settings import GenerationSettings
@@ -128,3 +128,24 @@ def test_locate_span_gives_offsets_in_the_source_text() -> None:
     assert texts[1][span.start:span.end] == "Eiffel\nTower is 330"
     assert locate_span("not here", texts) is None
     assert strip_end("330 metres [") == "330 metres"
+
+
+def test_an_answer_to_a_two_part_question_runs_to_the_end_of_its_sentence() -> None:
+    text = "Sizes:\n- Small: 12 layers, hidden size 768, about 124M parameters.\n- Medium: 24."
+    span = locate_span("12", [text])
+    assert span is not None
+    whole = to_sentence_end(span, text)
+    assert whole.text == "12 layers, hidden size 768, about 124M parameters."
+    assert text[whole.start:whole.end] == whole.text and whole.n == span.n
+    line = "Small: 12 layers\nMedium: 24 layers"  # a list item ends at its line
+    assert to_sentence_end(locate_span("12", [line]), line).text == "12 layers"
+    far = "It is 12" + " long" * 100 + "."  # no sentence end within the limit: unchanged
+    assert to_sentence_end(locate_span("12", [far]), far).text == "12"
+
+
+def test_a_grounded_span_ends_only_after_a_word_that_carries_meaning(engines) -> None:
+    tok = engines["fast"].tokenizer
+    index = SpanIndex(tok, ["Holtzman and colleagues wrote it in 2019."])
+    ids = lambda s: tuple(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    assert not index.at_word_end(ids("and"))
+    assert index.at_word_end(ids("Holtzman and colleagues")) and index.at_word_end(ids("2019"))

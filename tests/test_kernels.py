@@ -153,8 +153,10 @@ def test_models_the_kernels_cannot_take_use_pytorch_or_are_refused(services, tmp
     LlamaForCausalLM(tiny).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     auto = LocalLM(LLMSettings(model=str(tmp_path), cache_dir=tmp_path))
-    assert auto.engine == "fast" and auto.fast.native is None
-    assert auto.generate(QA, OPTIONS).token_ids
+    assert auto.engine == "transformers"  # auto: the fast decoder only with native kernels
+    fast = LocalLM(LLMSettings(model=str(tmp_path), cache_dir=tmp_path, engine="fast"))
+    assert fast.engine == "fast" and fast.fast.native is None
+    assert fast.generate(QA, OPTIONS).token_ids
     with pytest.raises(ModelLoadError, match="llm.kernels=native"):
         LocalLM(LLMSettings(model=str(tmp_path), cache_dir=tmp_path, kernels="native"))
     torch_only = LocalLM(LLMSettings(model=str(tmp_path), cache_dir=tmp_path, kernels="torch"))

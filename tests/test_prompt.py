@@ -1,6 +1,13 @@
 from langchain_core.documents import Document
 
-from rag_app.prompt import NOT_FOUND, SYSTEM, build_messages, fit_sources, parse_citations
+from rag_app.prompt import (
+    NOT_FOUND,
+    SYSTEM,
+    asks_two_things,
+    build_messages,
+    fit_sources,
+    parse_citations,
+)
 
 
 def _docs(n: int) -> list[Document]:
@@ -49,3 +56,13 @@ def test_follow_ups_are_condensed_with_the_previous_query() -> None:
     standalone = "How many layers does GPT-2 small have?"
     assert condense_question(standalone, prev) == standalone
     assert condense_question("And what does it keep?", []) == "And what does it keep?"
+
+
+def test_two_part_questions_are_told_from_one_part_questions() -> None:
+    two = ["How many layers and what hidden size does GPT-2 small have?",
+           "Who introduced nucleus (top-p) sampling, and in what year?",
+           "What is the maximum sequence length, and what happens to text beyond it?"]
+    one = ["Which retriever and generator did the original RAG system combine?",
+           "Southern California's regions are divided culturally, politically and what "
+           "other trait?", "How many tokens are in the GPT-2 vocabulary?"]
+    assert all(asks_two_things(q) for q in two) and not any(asks_two_things(q) for q in one)
