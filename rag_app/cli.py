@@ -302,6 +302,23 @@ def ui(port: Annotated[Optional[int], typer.Option()] = None,  # noqa: UP045
     os.execv(sys.executable, cmd)
 
 
+@app.command()
+def serve(port: Annotated[Optional[int], typer.Option()] = None,  # noqa: UP045
+          host: Annotated[Optional[str], typer.Option(  # noqa: UP045
+              help="Address to listen on (default serve.host, 127.0.0.1). Any other than "
+              "loopback needs serve.token.")] = None) -> None:
+    """Serve the HTTP API: OpenAI-compatible chat completions answered from your documents,
+    search, documents (on this machine only, unless --host and serve.token say otherwise)."""
+    try:
+        given = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+        settings = _settings(serve=given)
+    except RagError as e:
+        raise _fail(e) from None
+    from rag_app.server import run
+
+    run(settings)
+
+
 app.command("eval")(eval_command)
 
 
