@@ -9,12 +9,11 @@ loop stays free. Loopback by default; with `serve.token` every route but /health
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, File, Form, Query, Request, UploadFile
@@ -40,6 +39,7 @@ from rag_app.openai_compat import (
     finish_reason,
     tail,
 )
+from rag_app.pump import Pump
 from rag_app.settings import ServeSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,7 @@ async def chat_completions(body: ChatRequest, request: Request
     chain = services.chain(body.collection_name())
     events = Pump(lambda: chain.stream_events(question, history, **options))
     reply = Reply(body.model)
+    streaming = False
     try:
         first = await events.next()  # the sources; an error before them is the request's
         if not body.stream:
@@ -194,8 +195,9 @@ async def chat_completions(body: ChatRequest, request: Request
                 if isinstance(event, RagAnswer):
                     return JSONResponse(reply.completion(event, max_new))
             raise RuntimeError("the chain ended without an answer")
+        streaming = True
     finally:
-        if not body.stream:
+        if not streaming:  # answered, failed, or the client left: the thread may stop
             events.cancel()
     return StreamingResponse(_chunks(events, first, reply, max_new),
                              media_type="text/event-stream",
@@ -235,64 +237,6 @@ async def _chunks(events: Pump, first: Any, reply: Reply, max_new: int
                                          "log)", "type": "server_error"}})
     finally:
         events.cancel()
-
-
-class Pump:
-    """Runs a blocking generator in one thread of its own (torch's per-thread state and the
-    gate's turn stay with it) and hands its events to the event loop. `cancel` (the client
-    went away) stops it at its next event, which gives up its place at the gate."""
-
-    _END = object()
-
-    def __init__(self, make: Callable[[], Iterator[Any]]) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._stop = threading.Event()
-        threading.Thread(target=self._run, args=(make,), name="rag-generation",
-                         daemon=True).start()
-
-    def _run(self, make: Callable[[], Iterator[Any]]) -> None:
-        events = make()
-        try:
-            for event in events:
-                self._put(event)
-                if self._stop.is_set():
-                    break
-        except Exception as e:  # raised again in the request's task
-            self._put(_Failed(e))
-        finally:
-            close = getattr(events, "close", None)
-            if close is not None:
-                close()
-            self._put(self._END)
-
-    def _put(self, item: Any) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: the server is stopping
-            self._stop.set()
-
-    def cancel(self) -> None:
-        self._stop.set()
-
-    async def next(self) -> Any:
-        item = await self._queue.get()
-        if isinstance(item, _Failed):
-            raise item.error
-        if item is self._END:
-            raise StopAsyncIteration
-        return item
-
-    def __aiter__(self) -> Pump:
-        return self
-
-    async def __anext__(self) -> Any:
-        return await self.next()
-
-
-class _Failed:
-    def __init__(self, error: Exception) -> None:
-        self.error = error
 
 
 # -- search and documents ------------------------------------------------------------------
