@@ -20,13 +20,14 @@ from typing import Any
 
 from ingest.chunking import chunk_blocks, embedding_text
 from ingest.loaders import load_document
-from ingest.sources import FileResult, Item, SourceFile, expand_zip, walk
+from ingest.sources import FileResult, Item, SourceFile, expand_zip, uploaded, walk
 from rag_app.embeddings import Embedder
 from rag_app.errors import LoaderError
 from rag_app.settings import ChunkSettings, IngestionSettings
 from rag_app.store import ChunkStore
 
-__all__ = ["FileResult", "IngestReport", "Ingestor", "SourceFile", "document_rows", "walk"]
+__all__ = ["FileResult", "IngestReport", "Ingestor", "SourceFile", "document_rows", "uploaded",
+           "walk"]
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
 

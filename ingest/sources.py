@@ -119,6 +119,17 @@ def read_regular(path: str, size: int) -> bytes:
         return f.read(size)
 
 
+def uploaded(name: str, size: int, read: Callable[[], bytes], max_upload_mb: int) -> Item:
+    """A file uploaded through the browser or the HTTP API, as its source `upload/NAME`.
+    The client's file name is only a label (any folders in it are dropped); a file above
+    `max_upload_mb` (ui.max_upload_mb) is refused, unread."""
+    label = PurePosixPath(name.replace("\\", "/")).name or "unnamed"
+    source = f"upload/{label}"
+    if size > max_upload_mb * 1024 * 1024:
+        return FileResult(source, "failed", error=f"larger than ui.max_upload_mb={max_upload_mb}")
+    return SourceFile(source, read, size)
+
+
 def safe_member_name(name: str) -> str:
     """An archive member name as a label: no absolute paths, no `..`, no backslashes."""
     parts = [p for p in PurePosixPath(name.replace("\\", "/")).parts

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -156,13 +157,19 @@ def search(
     """Print the retrieved passages with scores (no generation)."""
     from rag_app.chain import source_json
 
+    options = {"k": k, "mode": mode, "source": _source(source), "page": page, "mmr": mmr,
+               "rerank": rerank}
     try:
-        services = Services(_settings(collection=collection))
-        docs = services.retriever().invoke(query, k=k, mode=mode, source=_source(source),
-                                           page=page, mmr=mmr, rerank=rerank)
+        settings = _settings(collection=collection)
+        if settings.serve.url:  # the running server searches
+            from rag_app.remote import RemoteRag
+
+            hits = RemoteRag(settings).search(query, **options)
+        else:
+            docs = Services(settings).retriever().invoke(query, **options)
+            hits = [source_json(n, d) for n, d in enumerate(docs, 1)]
     except RagError as e:
         raise _fail(e) from None
-    hits = [source_json(n, d) for n, d in enumerate(docs, 1)]
     if as_json:
         _print_json({"query": query, "hits": hits})
         return
@@ -195,37 +202,34 @@ def ask(
     as_json: JsonOpt = False,
 ) -> None:
     """Answer a question from your documents, with numbered sources."""
-    from rag_app.chain import RagAnswer
-
     options = {"k": k, "mode": mode, "source": _source(source), "page": page, "mmr": mmr,
                "rerank": rerank,
                "max_new_tokens": max_new_tokens, "do_sample": sample,
                "temperature": temperature, "top_k": top_k, "top_p": top_p,
                "num_beams": num_beams, "seed": seed}
     try:
-        chain = Services(_settings(collection=collection)).chain()
+        settings = _settings(collection=collection)
         if (num_beams or 1) > 1 and not as_json:
             _secho("beam search is not streamed: the answer appears when it is done",
                         dim=True, err=True)
-        result, streamed = None, []
-        for event in chain.stream_events(question, **options):
-            if isinstance(event, RagAnswer):
-                result = event
-            elif isinstance(event, str) and not as_json:
+        out, streamed = None, []
+        for event in _answer(settings, question, options):
+            if isinstance(event, dict):
+                out = event
+            elif not as_json:
                 streamed.append(event)
                 _echo(event, nl=False)
     except RagError as e:
         raise _fail(e) from None
-    assert result is not None
+    assert out is not None
     if as_json:
-        _print_json(result.to_json())
+        _print_json(out)
         return
     _echo("")
-    if result.answer != "".join(streamed).strip():  # cited, or refused, after the copy
-        _echo(f"-> {result.answer}")
-    if result.refusal:
-        _secho(f"(why: {result.refusal})", dim=True, err=True)
-    out = result.to_json()
+    if out["answer"] != "".join(streamed).strip():  # cited, or refused, after the copy
+        _echo(f"-> {out['answer']}")
+    if out["refusal"]:
+        _secho(f"(why: {out['refusal']})", dim=True, err=True)
     for s in out["sources"]:
         mark = "*" if s["n"] in out["cited"] else "~" if s["n"] in out["matched"] else " "
         page = f" p.{s['page']}" if s["page"] is not None else ""
@@ -234,6 +238,24 @@ def ask(
     _secho(f"{out['model']} on {out['device']}: retrieve {t['retrieve_ms']:.0f} ms, "
                 f"first token {t['first_token_ms']:.0f} ms, {t['tokens_per_s']:.1f} tok/s",
                 dim=True, err=True)
+
+
+def _answer(settings: Settings, question: str, options: dict[str, Any]
+            ) -> Iterator[str | dict[str, Any]]:
+    """The answer's text pieces, then the answer as `--json` prints it: from the server at
+    serve.url when it is set, else from the models loaded here."""
+    if settings.serve.url:
+        from rag_app.remote import RemoteRag
+
+        yield from RemoteRag(settings).ask(question, **options)
+        return
+    from rag_app.chain import RagAnswer
+
+    for event in Services(settings).chain().stream_events(question, **options):
+        if isinstance(event, RagAnswer):
+            yield event.to_json()
+        elif isinstance(event, str):
+            yield event
 
 
 @app.command()
@@ -300,6 +322,23 @@ def ui(port: Annotated[Optional[int], typer.Option()] = None,  # noqa: UP045
     # `rag ui` becomes the server, so a signal to it (Ctrl-C, a service manager's SIGTERM)
     # reaches the server itself: a child process would outlive a terminated parent.
     os.execv(sys.executable, cmd)
+
+
+@app.command()
+def serve(port: Annotated[Optional[int], typer.Option()] = None,  # noqa: UP045
+          host: Annotated[Optional[str], typer.Option(  # noqa: UP045
+              help="Address to listen on (default serve.host, 127.0.0.1). Any other than "
+              "loopback needs serve.token.")] = None) -> None:
+    """Serve the HTTP API: OpenAI-compatible chat completions answered from your documents,
+    search, documents (on this machine only, unless --host and serve.token say otherwise)."""
+    try:
+        given = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+        settings = _settings(serve=given)
+    except RagError as e:
+        raise _fail(e) from None
+    from rag_app.server import run
+
+    run(settings)
 
 
 app.command("eval")(eval_command)

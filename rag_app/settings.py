@@ -268,6 +268,34 @@ class UISettings(BaseModel):
         return self
 
 
+class ServeSettings(BaseModel):
+    host: str = Field(
+        "127.0.0.1", min_length=1, description="Address `rag serve` listens on. Loopback by "
+        "default: only this machine can call the API. Any other address (0.0.0.0 = every "
+        "interface) needs serve.token.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of `rag serve`.")
+    token: SecretStr | None = Field(
+        None, description="Bearer token every API route but /health requires (`Authorization: "
+        "Bearer TOKEN`); required when serve.host is not loopback. `rag ask` and `rag search` "
+        "send it to serve.url. Set it through RAG_SERVE__TOKEN or a config file, never on "
+        "the command line.")
+    url: str | None = Field(
+        None, description="A running `rag serve` (e.g. http://127.0.0.1:8000): `rag ask` and "
+        "`rag search` ask it instead of loading the models themselves. None = in process.")
+
+    @model_validator(mode="after")
+    def _private(self) -> ServeSettings:
+        if self.token is not None and not self.token.get_secret_value().strip():
+            raise ValueError("serve.token must not be empty")
+        if not is_loopback(self.host) and self.token is None:
+            raise ValueError(f"serve.host = {self.host!r} lets other machines reach the API: "
+                             "set serve.token (RAG_SERVE__TOKEN) too, or keep serve.host = "
+                             "127.0.0.1")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"serve.url = {self.url!r} is not an http:// or https:// URL")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything configurable. Pass it explicitly; never read env vars elsewhere."""
 
@@ -295,6 +323,7 @@ class Settings(BaseSettings):
     citations: CitationSettings = Field(default_factory=CitationSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
     ui: UISettings = Field(default_factory=UISettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
 
     @field_validator("collection")
     @classmethod

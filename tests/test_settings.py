@@ -69,6 +69,19 @@ def test_ui_is_private_unless_a_password_guards_it() -> None:
         load_settings(ui={"password": ""})
 
 
+def test_serve_is_private_unless_a_token_guards_it() -> None:
+    assert load_settings().serve.host == "127.0.0.1" and load_settings().serve.token is None
+    with pytest.raises(SettingsError, match=r"serve.token \(RAG_SERVE__TOKEN\)"):
+        load_settings(serve={"host": "0.0.0.0"})
+    exposed = load_settings(serve={"host": "0.0.0.0", "token": "tok-secret"})
+    assert "tok-secret" not in repr(exposed) and "tok-secret" not in exposed.model_dump_json()
+    for bad, message in (({"token": " "}, "serve.token must not be empty"),
+                         ({"url": "localhost:8000"}, "serve.url"),
+                         ({"port": 0}, "serve.port")):
+        with pytest.raises(SettingsError, match=message):
+            load_settings(serve=bad)
+
+
 def test_host_check_names_only_this_machine() -> None:
     from ui.gate import allowed_host
 

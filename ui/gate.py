@@ -6,23 +6,13 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from urllib.parse import urlsplit
 
 import streamlit as st
 
-from rag_app.settings import UISettings, is_loopback
+from rag_app.hosts import names_this_machine
+from rag_app.settings import UISettings
 
 log = logging.getLogger(__name__)
-
-
-def _hostname(value: str) -> str:
-    """The host part of a Host header (`name:port`, `[::1]:port`) or an Origin URL."""
-    if "//" not in value:
-        value = "//" + value
-    try:
-        return (urlsplit(value).hostname or "").lower()
-    except ValueError:
-        return ""
 
 
 def allowed_host(value: str, ui: UISettings) -> bool:
@@ -30,8 +20,7 @@ def allowed_host(value: str, ui: UISettings) -> bool:
     app is exposed on purpose and sign-in protects it, so any name is allowed."""
     if ui.password is not None:
         return True
-    name = _hostname(value)
-    return bool(name) and (is_loopback(name) or name == ui.host.strip("[]").lower())
+    return names_this_machine(value, ui.host)
 
 
 def guard(ui: UISettings) -> None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import PurePath
-
 import streamlit as st
 
-from ingest.pipeline import FileResult, SourceFile
+from ingest.pipeline import FileResult, SourceFile, uploaded
 from rag_app.errors import RagError
 from ui import render, sidebar, state
 
@@ -21,16 +19,8 @@ st.caption(render.escape_markdown(f"Collection {collection} at {settings.db_uri}
 uploads = st.file_uploader("Add documents", accept_multiple_files=True,
                            help="txt, md, pdf, html, docx, csv, or a zip of these")
 if uploads and st.button("Ingest", type="primary", icon=":material/upload:"):
-    limit = settings.ui.max_upload_mb * 1024 * 1024
-    files: list[SourceFile | FileResult] = []
-    for up in uploads:
-        # The browser's file name is only a label: PurePath(...).name drops any folders.
-        source = f"upload/{PurePath(up.name.replace(chr(92), '/')).name}"
-        if up.size > limit:
-            too_big = f"larger than ui.max_upload_mb={settings.ui.max_upload_mb}"
-            files.append(FileResult(source, "failed", error=too_big))
-        else:
-            files.append(SourceFile(source, up.getvalue, up.size))
+    files: list[SourceFile | FileResult] = [
+        uploaded(up.name, up.size, up.getvalue, settings.ui.max_upload_mb) for up in uploads]
     bar = st.progress(0.0, text="Ingesting…")
     done = []
 
