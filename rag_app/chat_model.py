@@ -31,8 +31,7 @@ def generation_options(base: GenerationSettings, overrides: dict[str, Any]) -> G
         return GenerationSettings.model_validate(
             {**base.model_dump(), **{k: v for k, v in known.items() if v is not None}})
     except ValidationError as e:
-        raise SettingsError(format_validation_error(e).replace("setting ", "setting generation.")
-                            ) from e
+        raise SettingsError(format_validation_error(e, "generation")) from e
 
 
 def model_metadata(lm: LocalLM) -> dict[str, Any]:

@@ -377,6 +377,9 @@ def format_validation_error(e: ValidationError, section: str | None = None) -> s
     `section` prefixes the fields of a sub-model validated on its own."""
     lines = []
     for err in e.errors():
+        if not err["loc"]:  # a rule over several fields (beam search with sampling, say)
+            lines.append(f"invalid {section + ' ' if section else ''}settings: {err['msg']}")
+            continue
         loc = [section, *err["loc"]] if section else list(err["loc"])
         field = ".".join(str(p) for p in loc) or "settings"
         env = "RAG_" + "__".join(str(p) for p in loc).upper()
