@@ -34,9 +34,16 @@ def opts(**kw) -> GenerationSettings:
     return GenerationSettings(**{"max_new_tokens": N, "stop_on_repeat": 0, **kw})
 
 
-def test_fast_decoder_is_the_default_on_cpu(lm: LocalLM) -> None:
+def test_fast_decoder_runs_the_bundled_model_on_cpu(lm: LocalLM) -> None:
     assert lm.device == "cpu" and lm.engine == "fast" and supports(lm.model)
     assert lm.dtype_name == "int4 weights, bfloat16"
+
+
+def test_auto_takes_the_fast_decoder_where_its_native_kernels_run(services) -> None:
+    auto = LocalLM(services.settings.llm.model_copy(update={"engine": "auto", "adapter": None}))
+    native = torch.backends.cpu.get_cpu_capability() == "AVX512"  # built in the session cache
+    assert auto.engine == ("fast" if native else "transformers"), auto.engine_name
+    assert native == (auto.fast is not None and auto.fast.native is not None)
 
 
 def test_greedy_equals_a_plain_argmax_loop_over_the_network(lm: LocalLM) -> None:
