@@ -17,7 +17,7 @@ from rag_app.embeddings import Embedder
 from rag_app.errors import SettingsError
 from rag_app.fusion import fusion_reranker
 from rag_app.settings import RetrievalSettings, format_validation_error
-from rag_app.store import ChunkStore, Hit, sql_string
+from rag_app.store import ChunkStore, Hit, filters
 
 OVERRIDES = ("k", "mode", "min_similarity", "mmr", "mmr_lambda", "fetch_k", "rerank", "source",
              "page")
@@ -94,13 +94,3 @@ class LanceRetriever(BaseRetriever):
             hits = [hits[i] for i in picked]
         return [hit_to_document(h) for h in hits[:opts.k]]
 
-
-def filters(source: str | None, page: int | None) -> str | None:
-    """A LanceDB SQL filter: one document, and/or chunks covering one page."""
-    clauses = []
-    if source:
-        clauses.append(f"source = {sql_string(source)}")
-    if page is not None:
-        clauses.append(f"(page = {int(page)} OR (page <= {int(page)} "
-                       f"AND page_end >= {int(page)}))")
-    return " AND ".join(clauses) or None

@@ -6,6 +6,7 @@ deletes its stale chunks, so readers see either the old or the new version, neve
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -28,6 +29,10 @@ _RESULT_COLUMNS = [
     "id", "text", "source", "title", "page", "page_end", "heading", "chunk_index",
     "start_char", "end_char", "doc_hash", "vector",
 ]
+# A JSON object: a chunk's metadata that has no column of its own (written by the LangChain
+# vector store). Tables made before it lack the column; they are read as they are and get
+# it on the first write that needs it.
+EXTRA_COLUMN = "metadata_json"
 
 
 def chunk_schema(dim: int, embedding_model: str) -> pa.Schema:
@@ -48,6 +53,7 @@ def chunk_schema(dim: int, embedding_model: str) -> pa.Schema:
             pa.field("doc_hash", pa.string()),
             pa.field("ingested_at", pa.timestamp("us", tz="UTC")),
             pa.field("embedding_model", pa.string()),
+            pa.field(EXTRA_COLUMN, pa.string()),
         ],
         metadata={"embedding_model": embedding_model, "dim": str(dim)},
     )
@@ -64,10 +70,22 @@ class Hit:
     page: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     vector: list[float] | None = field(default=None, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict)  # the metadata without a column
 
 
 def sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
+
+
+def filters(source: str | None, page: int | None) -> str | None:
+    """A LanceDB SQL filter: one document, and/or chunks covering one page."""
+    clauses = []
+    if source:
+        clauses.append(f"source = {sql_string(source)}")
+    if page is not None:
+        clauses.append(f"(page = {int(page)} OR (page <= {int(page)} "
+                       f"AND page_end >= {int(page)}))")
+    return " AND ".join(clauses) or None
 
 
 class ChunkStore:
@@ -168,7 +186,7 @@ class ChunkStore:
         if table is None:
             return {}
         rows = table.to_lance().to_table(columns=["source", "doc_hash"]).to_pylist()
-        return {r["source"]: r["doc_hash"] for r in rows}
+        return {r["source"]: r["doc_hash"] for r in rows if r["source"] is not None}
 
     def upsert_documents(self, collection: str, documents: dict[str, Sequence[dict]]) -> None:
         """Replace all chunks of each source by its rows, in one atomic commit.
@@ -192,6 +210,38 @@ class ChunkStore:
             .when_not_matched_by_source_delete(f"source IN ({sources})")
             .execute(data)
         )
+
+    def upsert_chunks(self, collection: str, rows: Sequence[dict]) -> None:
+        """Insert chunks or replace those with the same id, in one atomic commit; unlike
+        `upsert_documents`, the other chunks of their documents stay."""
+        if not rows:
+            return
+        with self.writing(collection):
+            table = self._create(collection)
+            if EXTRA_COLUMN not in table.schema.names and any(r.get(EXTRA_COLUMN) for r in rows):
+                table.add_columns(pa.field(EXTRA_COLUMN, pa.string()))  # an older table
+            data = pa.Table.from_pylist(list(rows), schema=table.schema)
+            table.merge_insert("id").when_matched_update_all() \
+                .when_not_matched_insert_all().execute(data)
+
+    def delete_chunks(self, collection: str, ids: Iterable[str]) -> int:
+        table = self._open(collection)
+        ids = list(ids)
+        if table is None or not ids:
+            return 0
+        with self.writing(collection):
+            return table.delete(_id_filter(ids)).num_deleted_rows
+
+    def chunks(self, collection: str, ids: Iterable[str]) -> list[Hit]:
+        """The stored chunks of these ids (missing ones left out), scores 0."""
+        table = self._open(collection)
+        ids = list(ids)
+        if table is None or not ids:
+            return []
+        with self._reading():
+            rows = table.search().where(_id_filter(ids)).select(_columns(table)) \
+                .limit(len(ids)).to_arrow().to_pylist()
+        return [self._hit(r, None) for r in rows]
 
     def delete_documents(self, collection: str, sources: Iterable[str]) -> int:
         table = self._open(collection)
@@ -230,13 +280,16 @@ class ChunkStore:
 
     # -- reads ----------------------------------------------------------------------------
     def documents(self, collection: str) -> list[dict[str, Any]]:
-        """One row per document: source, title, chunks, pages, ingested_at."""
+        """One row per document: source, title, chunks, pages, ingested_at. Chunks without
+        a source (added through the vector store without one) belong to no document."""
         table = self._open(collection)
         if table is None:
             return []
         cols = ["source", "title", "page", "doc_hash", "ingested_at"]
         docs: dict[str, dict[str, Any]] = {}
         for r in table.to_lance().to_table(columns=cols).to_pylist():
+            if r["source"] is None:
+                continue
             d = docs.setdefault(r["source"], {
                 "source": r["source"], "title": r["title"], "chunks": 0, "pages": set(),
                 "doc_hash": r["doc_hash"], "ingested_at": r["ingested_at"],
@@ -291,24 +344,39 @@ class ChunkStore:
     def _vector_query(self, table: Any, vector: Sequence[float], where: str | None) -> Any:
         q = (table.search(list(vector), query_type="vector").distance_type("cosine")
              .nprobes(self.index.nprobes).refine_factor(self.index.refine_factor)
-             .select([*_RESULT_COLUMNS, "_distance"]))
+             .select([*_columns(table), "_distance"]))
         return q.where(where, prefilter=True) if where else q
 
     @staticmethod
     def _text_query(table: Any, query: str, where: str | None) -> Any:
-        q = table.search(query, query_type="fts").select([*_RESULT_COLUMNS, "_score"])
+        q = table.search(query, query_type="fts").select([*_columns(table), "_score"])
         return q.where(where, prefilter=True) if where else q
 
     @staticmethod
-    def _hit(row: dict[str, Any], query_vector: Sequence[float]) -> Hit:
+    def _hit(row: dict[str, Any], query_vector: Sequence[float] | None) -> Hit:
+        """A result row as a Hit; a row read without a query (`chunks`) scores 0."""
         vec = row.pop("vector")
-        similarity = float(np.dot(vec, query_vector))
+        similarity = float(np.dot(vec, query_vector)) if query_vector is not None else 0.0
         if "_relevance_score" in row:
             score = row["_relevance_score"]
         elif "_score" in row:
             score = row["_score"]
         else:
-            score = 1.0 - row["_distance"]  # cosine distance -> similarity
+            score = 1.0 - row.get("_distance", 1.0)  # cosine distance -> similarity
+        extra = json.loads(row.pop(EXTRA_COLUMN, None) or "{}")
         meta = {k: v for k, v in row.items() if not k.startswith("_") and k != "text"}
+        for key, value in extra.items():  # a column's value wins over an extra of its name
+            meta.setdefault(key, value)
         return Hit(text=row["text"], source=row["source"], score=float(score),
-                   similarity=similarity, page=row.get("page"), metadata=meta, vector=vec)
+                   similarity=similarity, page=row.get("page"), metadata=meta, vector=vec,
+                   extra=extra)
+
+
+def _columns(table: Any) -> list[str]:
+    """The result columns `table` has (tables made before EXTRA_COLUMN lack it)."""
+    return [*_RESULT_COLUMNS, EXTRA_COLUMN] if EXTRA_COLUMN in table.schema.names \
+        else list(_RESULT_COLUMNS)
+
+
+def _id_filter(ids: Iterable[str]) -> str:
+    return "id IN (" + ", ".join(sql_string(i) for i in ids) + ")"
