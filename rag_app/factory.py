@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from rag_app.llm import LocalLM
     from rag_app.retriever import LanceRetriever
     from rag_app.store import ChunkStore
+    from rag_app.vectorstore import LanceVectorStore
 
 
 @dataclass
@@ -90,6 +91,14 @@ class Services:
         return LanceRetriever(store=self.store, embedder=self.embedder,
                               collection=collection or self.settings.collection,
                               settings=self.settings.retrieval, reranker=rerank)
+
+    def vectorstore(self, collection: str | None = None) -> LanceVectorStore:
+        """LangChain's `VectorStore` over a collection (default: `collection`), with the
+        embedder its table records; `.as_retriever(k=...)` is LangChain's retriever."""
+        from rag_app.vectorstore import LanceVectorStore
+
+        return LanceVectorStore(self.store, collection or self.settings.collection,
+                                self.embedder)
 
     def chain(self, collection: str | None = None) -> RagChain:
         from rag_app.chain import RagChain
