@@ -41,7 +41,10 @@ class Services:
     def store(self) -> ChunkStore:
         from rag_app.store import ChunkStore
 
-        return ChunkStore(self.settings.db_uri, self.embedder.name, self.embedder.dim,
+        # the embedder's name from the settings, its dimension on first need: listing or
+        # deleting documents loads no model
+        return ChunkStore(self.settings.db_uri, self.settings.embedding.model,
+                          lambda: self.embedder.dim,
                           self.settings.index, self.settings.db_storage_options)
 
     @cached_property

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -91,17 +91,26 @@ def filters(source: str | None, page: int | None) -> str | None:
 class ChunkStore:
     """A LanceDB connection plus the embedding model identity its tables must match."""
 
-    def __init__(self, uri: str, embedding_model: str, dim: int,
+    def __init__(self, uri: str, embedding_model: str, dim: int | Callable[[], int],
                  index: IndexSettings | None = None,
                  storage_options: dict[str, str] | None = None) -> None:
+        """`dim`: the embedder's dimension, or a callable giving it on first need (creating
+        a table, checking one built with a model of the same name), so that listing or
+        deleting documents never loads the embedding model."""
         self.uri = uri
         self.embedding_model = embedding_model
-        self.dim = dim
+        self._dim = dim
         self.index = index or IndexSettings()
         try:
             self.db = lancedb.connect(uri, storage_options=storage_options or None)
         except (OSError, ValueError) as e:
             raise StoreError(f"cannot open database RAG_DB_URI={uri!r}: {e}") from e
+
+    @property
+    def dim(self) -> int:
+        if callable(self._dim):
+            self._dim = self._dim()
+        return self._dim
 
     # -- tables ---------------------------------------------------------------------------
     def collections(self) -> list[str]:
@@ -130,10 +139,14 @@ class ChunkStore:
     def _check_embedder(self, collection: str, schema: pa.Schema) -> None:
         meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
         model, dim = meta.get("embedding_model"), meta.get("dim")
-        if model != self.embedding_model or dim != str(self.dim):
+        # a model's name fixes its dimension: the dimension is checked (and the model loaded
+        # for it) only where it is known already
+        known = not callable(self._dim)
+        if model != self.embedding_model or (known and dim != str(self.dim)):
             raise EmbeddingMismatchError(
                 f"collection {collection!r} was built with embedding model {model!r} "
-                f"(dim {dim}), but embedding.model is {self.embedding_model!r} (dim {self.dim}); "
+                f"(dim {dim}), but embedding.model is {self.embedding_model!r}"
+                f"{f' (dim {self._dim})' if known else ''}; "
                 "use the same embedding.model or ingest into another collection"
             )
 

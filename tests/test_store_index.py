@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from ingest.pipeline import Ingestor, SourceFile
-from rag_app.errors import StoreError
+from rag_app.errors import EmbeddingMismatchError, StoreError
 from rag_app.factory import Services
 from rag_app.fusion import ZScoreFusion
 from rag_app.settings import IndexSettings
@@ -69,3 +69,18 @@ def test_missing_full_text_index_is_a_clear_error(small_threshold: Services) -> 
     for mode in ("fulltext", "hybrid"):
         with pytest.raises(StoreError, match="full-text index is missing"):
             s.store.search("c", "bread", vector, k=2, mode=mode, reranker=ZScoreFusion())
+
+
+def test_listing_and_deleting_documents_load_no_embedding_model(demo_index: Services) -> None:
+    """`rag docs` / `rag delete` open the store with the embedder's name from the settings;
+    its dimension (which loads the model) is needed only to create or check a table."""
+    fresh = Services(demo_index.settings)
+    docs = fresh.store.documents(demo_index.settings.collection)
+    assert docs and fresh.store.delete_documents(demo_index.settings.collection,
+                                                 ["no/such/file.md"]) == 0
+    assert "embedder" not in fresh.__dict__  # the cached_property was never built
+    other = Services(demo_index.settings.model_copy(update={"embedding": demo_index.settings
+                     .embedding.model_copy(update={"model": "another-model"})}))
+    with pytest.raises(EmbeddingMismatchError, match="another-model"):
+        other.store.documents(demo_index.settings.collection)  # refused by name alone
+    assert "embedder" not in other.__dict__
