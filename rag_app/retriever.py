@@ -16,7 +16,7 @@ from pydantic import ConfigDict, ValidationError, model_validator
 from rag_app.embeddings import Embedder
 from rag_app.errors import SettingsError
 from rag_app.fusion import fusion_reranker
-from rag_app.settings import RetrievalSettings, format_validation_error
+from rag_app.settings import MAX_PAGE, RetrievalSettings, format_validation_error
 from rag_app.store import ChunkStore, Hit, sql_string
 
 OVERRIDES = ("k", "mode", "min_similarity", "mmr", "mmr_lambda", "fetch_k", "rerank", "source",
@@ -101,6 +101,9 @@ def filters(source: str | None, page: int | None) -> str | None:
     if source:
         clauses.append(f"source = {sql_string(source)}")
     if page is not None:
+        if not 1 <= int(page) <= MAX_PAGE:
+            raise SettingsError(f"page must be between 1 and {MAX_PAGE} (pages are "
+                                f"numbered from 1), not {page}")
         clauses.append(f"(page = {int(page)} OR (page <= {int(page)} "
                        f"AND page_end >= {int(page)}))")
     return " AND ".join(clauses) or None
