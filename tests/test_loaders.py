@@ -92,3 +92,38 @@ def test_chunks_respect_token_budget_and_never_split_words(services) -> None:
         assert set(c.text.split()) <= words  # whole words only
     # neighbouring chunks overlap
     assert chunks[1].start_char < chunks[0].end_char
+
+
+@pytest.mark.parametrize("kind", ["repeated", "random letters", "japanese"])
+def test_text_without_separators_is_chunked_with_linear_work(services, kind: str) -> None:
+    """A run with no space or newline used to be cut into single characters, each counted
+    (three tokenizer calls per character); now every character is tokenized about once."""
+    import random
+
+    from ingest.loaders import Block
+
+    rng = random.Random(3)
+    text = {"repeated": "a" * 64_000,
+            "random letters": "".join(rng.choice("abcdefghijklmnopqrstuvwxyz")
+                                      for _ in range(64_000)),
+            "japanese": "".join(rng.choice("日本語の文章を書く") for _ in range(20_000))}[kind]
+    count = services.embedder.count_tokens
+    work = {"calls": 0, "chars": 0}
+
+    def counting(t: str) -> int:
+        work["calls"] += 1
+        work["chars"] += len(t)
+        # fail at once, not after minutes, when the work is not linear in the text
+        assert work["chars"] <= 2 * len(text), "tokenized each character more than twice"
+        return count(t)
+
+    chunks = chunk_blocks([Block(text, 0)], counting, 200, 32)
+    assert work["calls"] <= len(text) // 8
+    for c in chunks:
+        assert text[c.start_char:c.end_char] == c.text
+        assert count(c.text) <= 200
+    # every character is in a chunk, and neighbours overlap or touch
+    assert chunks[0].start_char == 0 and chunks[-1].end_char == len(text)
+    assert all(b.start_char <= a.end_char for a, b in zip(chunks, chunks[1:], strict=False))
+    assert len(chunks) > 5 and any(b.start_char < a.end_char
+                                   for a, b in zip(chunks, chunks[1:], strict=False))
