@@ -131,10 +131,13 @@ def ingest(
     if as_json:
         _print_json(out)
     else:
+        skipped = f", {len(out['skipped'])} skipped" if out["skipped"] else ""
         _echo(f"{out['ingested']} ingested ({out['chunks']} chunks), "
-                   f"{out['unchanged']} unchanged, {len(out['removed'])} removed, "
-                   f"{len(out['failed'])} failed "
-                   f"-> collection {settings.collection!r} at {settings.db_uri}")
+              f"{out['unchanged']} unchanged, {len(out['removed'])} removed, "
+              f"{len(out['failed'])} failed{skipped} "
+              f"-> collection {settings.collection!r} at {settings.db_uri}")
+        for f in out["skipped"]:
+            _secho(f"  skipped: {f['path']}: {f['reason']}", fg=typer.colors.YELLOW, err=True)
         for f in out["failed"]:
             _secho(f"  failed: {f['path']}: {f['error']}", fg=typer.colors.RED, err=True)
     if out["failed"]:

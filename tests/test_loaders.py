@@ -5,6 +5,9 @@ import pytest
 from ingest.chunking import chunk_blocks
 from ingest.loaders import load_document, markdown_blocks
 from rag_app.errors import LoaderError
+from rag_app.settings import IngestionSettings
+
+LIMITS = IngestionSettings()
 
 MD = """# Guide
 
@@ -41,7 +44,7 @@ def test_html_main_text_without_scripts_or_styles() -> None:
     html = (b"<html><head><title>T</title><style>p{color:red}</style></head><body>"
             b"<script>alert(1)</script><h1>Top</h1><p>Hello</p><h2>Sub</h2><p>World</p>"
             b"</body></html>")
-    doc = load_document(html, "page.html")
+    doc = load_document(html, "page.html", LIMITS)
     text = " ".join(b.text for b in doc.blocks)
     assert doc.title == "T"
     assert "Hello" in text and "World" in text
@@ -57,13 +60,14 @@ def test_docx_paragraphs_and_headings() -> None:
     d.add_paragraph("The pump runs at 40 litres per minute.")
     buf = io.BytesIO()
     d.save(buf)
-    doc = load_document(buf.getvalue(), "manual.docx")
+    doc = load_document(buf.getvalue(), "manual.docx", LIMITS)
     assert doc.blocks[0].heading == "Manual"
     assert "40 litres" in doc.blocks[0].text
 
 
 def test_pdf_pages_are_numbered(pdf_bytes) -> None:
-    doc = load_document(pdf_bytes(["alpha page", "beta page"], 300, 300), "two.pdf")
+    doc = load_document(pdf_bytes(["alpha page", "beta page"], 300, 300), "two.pdf",
+                        LIMITS)
     assert [(b.page, b.text.strip()) for b in doc.blocks] == [(1, "alpha page"), (2, "beta page")]
 
 
@@ -76,7 +80,7 @@ def test_pdf_pages_are_numbered(pdf_bytes) -> None:
 ])
 def test_bad_input_raises_loader_error_with_reason(data: bytes, name: str, reason: str) -> None:
     with pytest.raises(LoaderError, match=reason):
-        load_document(data, name)
+        load_document(data, name, LIMITS)
 
 
 def test_chunks_respect_token_budget_and_never_split_words(services) -> None:
