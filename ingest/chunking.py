@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from langchain_text_splitters import RecursiveCharacterTextSplitter
 
@@ -16,6 +17,76 @@ from ingest.loaders import Block
 
 # Paragraphs, lines, sentences, words; never inside a word unless a "word" exceeds a chunk.
 SEPARATORS = ["\n\n", "\n", ". ", "? ", "! ", "; ", ", ", " ", ""]
+# A token stands for at least one UTF-8 byte (WordPiece: at least one character; byte-level
+# BPE: at least one byte), plus at most one word-start marker (SentencePiece's "▁"): a piece
+# of at most N - 2 bytes is fewer than N tokens, whatever the embedder's tokenizer.
+MARKER_TOKENS = 2
+
+
+class LinearSplitter(RecursiveCharacterTextSplitter):
+    """LangChain's recursive splitter, except for text without any separator (a run of
+    letters with no space: CJK prose, base64, minified code). There the last resort, "",
+    would cut it into single characters and count the tokens of each (three tokenizer calls
+    per character: minutes for a few hundred KB); this cuts it into pieces of at most
+    `piece_bytes` UTF-8 bytes instead, each fewer tokens than a chunk by the bound above,
+    counts each piece once and joins neighbours into chunks: one tokenizer call per piece."""
+
+    def __init__(self, piece_bytes: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._piece_bytes = piece_bytes
+
+    def _split_text(self, text: str, separators: list[str]) -> list[str]:
+        if any(s and s in text for s in separators):
+            return super()._split_text(text, separators)
+        pieces = utf8_pieces(text, self._piece_bytes)
+        lengths = [self._length_function(p) for p in pieces]
+        if max(lengths, default=0) >= self._chunk_size:
+            # a tokenizer beyond the bound: the per-character last resort, piece by piece
+            return [c for p in pieces for c in super()._split_text(p, [""])]
+        chunks = join_pieces(pieces, lengths, self._chunk_size, self._chunk_overlap)
+        if self._strip_whitespace:
+            chunks = [c.strip() for c in chunks]
+        return [c for c in chunks if c]
+
+
+def join_pieces(pieces: list[str], lengths: list[int], size: int, overlap: int) -> list[str]:
+    """Consecutive pieces joined into chunks of at most `size` (summed `lengths`), each
+    chunk starting with the last pieces of the one before that fit in `overlap`."""
+    chunks: list[str] = []
+    start = 0
+    while start < len(pieces):
+        end, total = start, 0
+        while end < len(pieces) and total + lengths[end] <= size:
+            total += lengths[end]
+            end += 1
+        end = max(end, start + 1)
+        chunks.append("".join(pieces[start:end]))
+        if end == len(pieces):
+            break
+        back, tail = end, 0
+        while back - 1 > start and tail + lengths[back - 1] <= overlap:
+            back -= 1
+            tail += lengths[back]
+        start = back
+    return chunks
+
+
+def utf8_pieces(text: str, max_bytes: int) -> list[str]:
+    """`text` cut into consecutive pieces of at most `max_bytes` UTF-8 bytes (at least one
+    character each), never inside a character; linear in the text."""
+    data = text.encode("utf-8")
+    pieces, start = [], 0
+    while start < len(data):
+        end = min(start + max_bytes, len(data))
+        while end < len(data) and end > start and data[end] & 0xC0 == 0x80:
+            end -= 1  # back to the first byte of a character
+        if end == start:  # max_bytes smaller than one character: take the character
+            end = start + 1
+            while end < len(data) and data[end] & 0xC0 == 0x80:
+                end += 1
+        pieces.append(data[start:end].decode("utf-8"))
+        start = end
+    return pieces
 
 
 @dataclass
@@ -54,13 +125,29 @@ def merge_short_pages(blocks: list[Block], count_tokens: Callable[[str], int],
     return out
 
 
+def locate(block: str, text: str, prev_start: int, prev_end: int) -> int:
+    """Where a chunk starts in its block: after the previous chunk's start and at most at
+    its end (chunks overlap or touch, but for whitespace stripped between them). In a
+    repetitive text ('aaaa…') several places hold the same text: the latest is taken, and
+    once past the end, the last place in the block. Linear in the chunk."""
+    at = block.rfind(text, prev_start + 1, prev_end + len(text))
+    if at < 0:
+        at = block.find(text, prev_end)
+    return at if at >= 0 else block.rfind(text)
+
+
 def chunk_blocks(
     blocks: list[Block],
     count_tokens: Callable[[str], int],
     size_tokens: int,
     overlap_tokens: int,
 ) -> list[Chunk]:
-    splitter = RecursiveCharacterTextSplitter(
+    # Pieces about the overlap's size (so neighbours overlap inside a run too) and at most
+    # 64 bytes: counted alone, each is tokenized as text (WordPiece reads a word of more
+    # than 100 characters as one unknown token, whatever its length).
+    piece_bytes = min(max(16, min(overlap_tokens, 64)), size_tokens - MARKER_TOKENS)
+    splitter = LinearSplitter(
+        piece_bytes,
         separators=SEPARATORS,
         chunk_size=size_tokens,
         chunk_overlap=overlap_tokens,
@@ -72,11 +159,10 @@ def chunk_blocks(
     for block in merge_short_pages(blocks, count_tokens, size_tokens):
         # Offsets are found here: the splitter's own add_start_index mixes token counts
         # with character offsets when the length function counts tokens.
-        cursor = 0
+        prev_start, prev_end = -1, 0
         for text in splitter.split_text(block.text):
-            found = block.text.find(text, cursor)
-            local = found if found >= 0 else block.text.find(text)
-            cursor = local + 1
+            local = locate(block.text, text, prev_start, prev_end)
+            prev_start, prev_end = local, local + len(text)
             start = block.start_char + local
             chunks.append(Chunk(text, start, start + len(text), block.page, block.heading,
                                 len(chunks), block.page_end or block.page))

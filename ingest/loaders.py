@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePath
@@ -12,6 +13,9 @@ from pathlib import PurePath
 import charset_normalizer
 
 from rag_app.errors import LoaderError
+from rag_app.settings import IngestionSettings
+
+MB = 1024 * 1024
 
 
 @dataclass
@@ -29,7 +33,7 @@ class LoadedDocument:
     blocks: list[Block] = field(default_factory=list)
 
 
-Loader = Callable[[bytes, str], LoadedDocument]
+Loader = Callable[[bytes, str, IngestionSettings], LoadedDocument]
 LOADERS: dict[str, Loader] = {}
 
 
@@ -45,16 +49,18 @@ def supported_suffixes() -> list[str]:
     return sorted(LOADERS)
 
 
-def load_document(data: bytes, name: str) -> LoadedDocument:
-    """Parse `data` by the suffix of `name`; raise LoaderError with the reason."""
+def load_document(data: bytes, name: str, limits: IngestionSettings) -> LoadedDocument:
+    """Parse `data` by the suffix of `name` within `limits` (PDF pages, the unpacked size of
+    a DOCX); raise LoaderError with the reason. A MemoryError goes up as it is: the parser
+    process reports it as over its memory limit."""
     suffix = PurePath(name).suffix.lower()
     loader = LOADERS.get(suffix)
     if loader is None:
         raise LoaderError(f"unsupported file type {suffix or '(none)'!r}; "
                           f"supported: {', '.join(supported_suffixes())}")
     try:
-        doc = loader(data, name)
-    except LoaderError:
+        doc = loader(data, name, limits)
+    except (LoaderError, MemoryError):
         raise
     except Exception as e:  # parser libraries raise many types on corrupt input
         raise LoaderError(f"cannot parse {suffix} file: {type(e).__name__}: {e}") from e
@@ -90,7 +96,9 @@ def _decode_legacy(data: bytes) -> str:
     return str(best)
 
 
-_HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
+# The closing `#`s and blanks are stripped after the match: `(.+?)[ \t#]*$` backtracks over
+# every blank for every character (minutes for one heading line of 100,000 spaces).
+_HEADING = re.compile(r"^(#{1,6})[ \t]+(.+)$", re.MULTILINE)
 _FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 
 
@@ -107,7 +115,8 @@ def markdown_blocks(text: str) -> list[Block]:
         if i > 0:
             m = heads[i - 1]
             level = len(m.group(1))
-            path = [(lvl, t) for lvl, t in path if lvl < level] + [(level, m.group(2).strip())]
+            title = m.group(2).rstrip(" \t#").strip() or m.group(2)[:1].strip()
+            path = [(lvl, t) for lvl, t in path if lvl < level] + [(level, title)]
             start = m.end()  # the heading lives in the path, not in the chunk text
         if text[start:end].strip():
             blocks.append(Block(text[start:end], start, heading=" > ".join(t for _, t in path)))
@@ -122,22 +131,26 @@ def _title_from(blocks: list[Block], name: str) -> str:
 
 
 @register(".txt")
-def load_text(data: bytes, name: str) -> LoadedDocument:
+def load_text(data: bytes, name: str, limits: IngestionSettings) -> LoadedDocument:
     text = _decode(data)
     return LoadedDocument(PurePath(name).stem, [Block(text, 0)])
 
 
 @register(".md", ".markdown")
-def load_markdown(data: bytes, name: str) -> LoadedDocument:
+def load_markdown(data: bytes, name: str, limits: IngestionSettings) -> LoadedDocument:
     blocks = markdown_blocks(_decode(data))
     return LoadedDocument(_title_from(blocks, name), blocks)
 
 
 @register(".pdf")
-def load_pdf(data: bytes, name: str) -> LoadedDocument:
+def load_pdf(data: bytes, name: str, limits: IngestionSettings) -> LoadedDocument:
     from pypdf import PdfReader
 
     reader = PdfReader(io.BytesIO(data))
+    pages = len(reader.pages)  # the page tree's /Count: iterating stops there too
+    if pages > limits.max_pdf_pages:
+        raise LoaderError(f"{pages} pages, more than ingestion.max_pdf_pages="
+                          f"{limits.max_pdf_pages}: not parsed")
     blocks, offset = [], 0
     for number, page in enumerate(reader.pages, start=1):
         text = page.extract_text() or ""
@@ -148,7 +161,8 @@ def load_pdf(data: bytes, name: str) -> LoadedDocument:
 
 
 @register(".csv")
-def load_csv(data: bytes, name: str, rows_per_block: int = 20) -> LoadedDocument:
+def load_csv(data: bytes, name: str, limits: IngestionSettings,
+             rows_per_block: int = 20) -> LoadedDocument:
     """Groups of rows, each block starting with the header so every chunk keeps it."""
     import csv
 
@@ -169,7 +183,7 @@ def load_csv(data: bytes, name: str, rows_per_block: int = 20) -> LoadedDocument
 
 
 @register(".html", ".htm")
-def load_html(data: bytes, name: str) -> LoadedDocument:
+def load_html(data: bytes, name: str, limits: IngestionSettings) -> LoadedDocument:
     from bs4 import BeautifulSoup
 
     soup = BeautifulSoup(data, "html.parser")
@@ -186,10 +200,23 @@ def load_html(data: bytes, name: str) -> LoadedDocument:
     return LoadedDocument(title or _title_from(blocks, name), blocks)
 
 
+def check_unpacked_size(data: bytes, limits: IngestionSettings) -> None:
+    """Refuse a zip-based file (DOCX) whose parts unpack to more than
+    `ingestion.max_file_mb`, before any parser opens it. The sizes in the zip's directory
+    are binding: Python's zipfile never inflates a member past its stated size (it stops
+    there, and a lie fails the CRC check), so a zip bomb cannot grow past the sum."""
+    members = zipfile.ZipFile(io.BytesIO(data)).infolist()  # BadZipFile: cannot parse
+    total = sum(m.file_size for m in members)
+    if total > limits.max_file_mb * MB:
+        raise LoaderError(f"unpacks to {total / MB:.0f} MB, more than ingestion.max_file_mb="
+                          f"{limits.max_file_mb:g}: not parsed")
+
+
 @register(".docx")
-def load_docx(data: bytes, name: str) -> LoadedDocument:
+def load_docx(data: bytes, name: str, limits: IngestionSettings) -> LoadedDocument:
     import docx
 
+    check_unpacked_size(data, limits)
     document = docx.Document(io.BytesIO(data))
     lines = []
     for p in document.paragraphs:

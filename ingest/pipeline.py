@@ -19,15 +19,16 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from ingest.chunking import chunk_blocks, embedding_text
-from ingest.loaders import load_document
+from ingest.loaders import LoadedDocument, load_document
+from ingest.parser import Parser
 from ingest.sources import FileResult, Item, SourceFile, expand_zip, uploaded, walk
 from rag_app.embeddings import Embedder
 from rag_app.errors import LoaderError
 from rag_app.settings import ChunkSettings, IngestionSettings
 from rag_app.store import ChunkStore
 
-__all__ = ["FileResult", "IngestReport", "Ingestor", "SourceFile", "document_rows", "uploaded",
-           "walk"]
+__all__ = ["FileResult", "IngestReport", "Ingestor", "Parser", "SourceFile", "document_rows",
+           "uploaded", "walk"]
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
 
@@ -41,14 +42,20 @@ class IngestReport:
     def failed(self) -> list[FileResult]:
         return [r for r in self.results if r.status == "failed"]
 
+    @property
+    def skipped(self) -> list[FileResult]:
+        """Reported, not read, and not an error (a zip inside a zip)."""
+        return [r for r in self.results if r.status == "skipped"]
+
     def to_json(self) -> dict[str, Any]:
         return {
-            "files": sum(r.status != "failed" for r in self.results),
+            "files": sum(r.status in ("ingested", "unchanged") for r in self.results),
             "chunks": sum(r.chunks for r in self.results if r.status == "ingested"),
             "ingested": sum(r.status == "ingested" for r in self.results),
             "unchanged": sum(r.status == "unchanged" for r in self.results),
             "removed": self.removed,
             "failed": [{"path": r.path, "error": r.error} for r in self.failed],
+            "skipped": [{"path": r.path, "reason": r.error} for r in self.skipped],
             "results": [asdict(r) for r in self.results],
         }
 
@@ -64,13 +71,17 @@ Progress = Callable[[FileResult], None]
 
 
 class Ingestor:
-    """Writes documents into a collection of the store."""
+    """Writes documents into a collection of the store. Files are parsed by `parser` (a
+    process with a memory limit and a deadline per file; by default one of its own, started
+    on the first file that needs parsing), chunked and embedded here."""
 
     def __init__(self, embedder: Embedder, store: ChunkStore, chunking: ChunkSettings,
-                 limits: IngestionSettings | None = None) -> None:
+                 limits: IngestionSettings | None = None, parser: Parser | None = None
+                 ) -> None:
         self.embedder = embedder
         self.store = store
         self.limits = limits or IngestionSettings()
+        self.parser = parser or Parser(self.limits)
         # Leave room for the title/heading line and the [CLS]/[SEP] tokens.
         self.size_tokens = min(chunking.size_tokens, embedder.max_tokens - 32)
         self.overlap_tokens = min(chunking.overlap_tokens, self.size_tokens // 2)
@@ -84,6 +95,7 @@ class Ingestor:
         failed (an unreadable folder or archive proves nothing gone)."""
         report = IngestReport()
         known = self.store.document_hashes(collection)
+        seen: dict[str, tuple[str, str | None]] = {}  # source -> (digest, error) this run
         pending: list[_Pending] = []
 
         def finish(result: FileResult) -> None:
@@ -97,7 +109,7 @@ class Ingestor:
             if isinstance(item, FileResult):
                 finish(item)
                 continue
-            prepared = self._prepare(item, known)
+            prepared = self._prepare(item, known, seen)
             if isinstance(prepared, FileResult):
                 finish(prepared)
                 continue
@@ -143,17 +155,22 @@ class Ingestor:
             else:
                 yield item
 
-    def _prepare(self, file: SourceFile, known: dict[str, str]) -> _Pending | FileResult:
+    def _prepare(self, file: SourceFile, known: dict[str, str],
+                 seen: dict[str, tuple[str, str | None]]) -> _Pending | FileResult:
         try:
             data = file.read()
         except OSError as e:
             return FileResult(file.source, "failed", error=f"cannot read: {e.strerror or e}")
         digest = hashlib.sha256(data).hexdigest()
+        if file.source in seen:  # one name, one document: two would be merged into one
+            return _repeat(file.source, digest, *seen[file.source])
+        seen[file.source] = (digest, None)
         if known.get(file.source) == digest:
             return FileResult(file.source, "unchanged")
         try:
             rows, texts = self._rows(file.source, data, digest)
         except LoaderError as e:
+            seen[file.source] = (digest, str(e))
             return FileResult(file.source, "failed", error=str(e))
         known[file.source] = digest
         return _Pending(FileResult(file.source, "ingested", chunks=len(rows)), rows, texts)
@@ -173,17 +190,38 @@ class Ingestor:
         pending.clear()
 
     def _rows(self, source: str, data: bytes, digest: str) -> tuple[list[dict], list[str]]:
-        return document_rows(source, data, digest, self.embedder.count_tokens,
-                             self.size_tokens, self.overlap_tokens, self.embedder.name)
+        doc = self.parser.parse(data, PurePosixPath(source).name)
+        return chunk_rows(source, doc, digest, self.embedder.count_tokens, self.size_tokens,
+                          self.overlap_tokens, self.embedder.name)
+
+
+def _repeat(source: str, digest: str, first_digest: str, first_error: str | None
+            ) -> FileResult:
+    """A source met again in one run: the same bytes are the same document (unchanged, or
+    the same failure); other bytes under the same name are refused, not merged into it."""
+    if digest != first_digest:
+        return FileResult(source, "failed", error="another file in this batch has the same "
+                          "name: only the first is ingested (rename one)")
+    if first_error is not None:
+        return FileResult(source, "failed", error=first_error)
+    return FileResult(source, "unchanged")
 
 
 def document_rows(source: str, data: bytes, digest: str, count_tokens: Callable[[str], int],
-                  size_tokens: int, overlap_tokens: int,
-                  embedding_model: str) -> tuple[list[dict], list[str]]:
-    """Parse and chunk one document's bytes: its table rows (`vector` still None) and the
-    texts to embed, one per row. Pure (shared by the local and the Ray engines); raises
-    `LoaderError` for a file that cannot be parsed."""
-    doc = load_document(data, PurePosixPath(source).name)
+                  size_tokens: int, overlap_tokens: int, embedding_model: str,
+                  limits: IngestionSettings) -> tuple[list[dict], list[str]]:
+    """Parse (in this process, within the page and unpacked-size limits of `limits`) and
+    chunk one document's bytes; raises `LoaderError` for a file that cannot be parsed."""
+    doc = load_document(data, PurePosixPath(source).name, limits)
+    return chunk_rows(source, doc, digest, count_tokens, size_tokens, overlap_tokens,
+                      embedding_model)
+
+
+def chunk_rows(source: str, doc: LoadedDocument, digest: str,
+               count_tokens: Callable[[str], int], size_tokens: int, overlap_tokens: int,
+               embedding_model: str) -> tuple[list[dict], list[str]]:
+    """A parsed document's table rows (`vector` still None) and the texts to embed, one per
+    row. Pure (shared by the local and the Ray engines)."""
     chunks = chunk_blocks(doc.blocks, count_tokens, size_tokens, overlap_tokens)
     now = datetime.now(timezone.utc)
     source_id = hashlib.sha1(source.encode()).hexdigest()[:16]

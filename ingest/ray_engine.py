@@ -197,7 +197,8 @@ class RayIngestor(Ingestor):
             parse_kwargs={"count": partial(count_tokens, self.embedder.tokenizer),
                           "size_tokens": self.size_tokens,
                           "overlap_tokens": self.overlap_tokens,
-                          "embedding_model": self.embedder.name},
+                          "embedding_model": self.embedder.name,
+                          "limits": self.limits},
             embedding=self.embedding, actors=actors, resources=resources)
         batches = _through_coordinator(self.ray, plan) if is_client(self.ray) else plan.execute()
         pending: list[tuple[int, FileResult, list[dict[str, Any]]]] = []
@@ -314,15 +315,17 @@ def _through_coordinator(ray: ModuleType, plan: Plan) -> Iterator[pa.Table]:
 
 
 def parse_batch(batch: pa.Table, *, count: Callable[[str], int], size_tokens: int,
-                overlap_tokens: int, embedding_model: str) -> pa.Table:
+                overlap_tokens: int, embedding_model: str,
+                limits: IngestionSettings) -> pa.Table:
     """Documents → their chunk rows and texts to embed (or unchanged / failed)."""
-    out = [_parse(doc, count, size_tokens, overlap_tokens, embedding_model)
+    out = [_parse(doc, count, size_tokens, overlap_tokens, embedding_model, limits)
            for doc in batch.to_pylist()]
     return pa.Table.from_pylist(out, schema=_PARSED)
 
 
 def _parse(doc: dict[str, Any], count: Callable[[str], int], size_tokens: int,
-           overlap_tokens: int, embedding_model: str) -> dict[str, Any]:
+           overlap_tokens: int, embedding_model: str,
+           limits: IngestionSettings) -> dict[str, Any]:
     result = {"order": doc["order"], "source": doc["source"], "status": "failed",
               "error": None, "rows": [], "texts": []}
     data = doc["data"]
@@ -337,7 +340,7 @@ def _parse(doc: dict[str, Any], count: Callable[[str], int], size_tokens: int,
         return {**result, "status": "unchanged"}
     try:
         rows, texts = document_rows(doc["source"], data, digest, count, size_tokens,
-                                    overlap_tokens, embedding_model)
+                                    overlap_tokens, embedding_model, limits)
     except LoaderError as e:
         return {**result, "error": str(e)}
     for row in rows:

@@ -19,7 +19,7 @@ from rag_app.settings import MAX_DEPTH
 @dataclass
 class FileResult:
     path: str
-    status: str  # ingested | unchanged | failed
+    status: str  # ingested | unchanged | failed | skipped (reported, not an error)
     chunks: int = 0
     error: str | None = None
 
@@ -155,6 +155,10 @@ def expand_zip(archive: SourceFile, data: bytes, max_total_bytes: int,
     for m in members:
         label = f"{archive.source}/{safe_member_name(m.filename)}"
         name = PurePosixPath(label).name
+        if not name.startswith(".") and name.lower().endswith(".zip"):
+            yield FileResult(label, "skipped", error="a zip inside a zip: not opened (unzip "
+                             "it and ingest its files)")
+            continue
         if name.startswith(".") or PurePosixPath(name).suffix.lower() not in suffixes:
             continue
         limit = min(budget, max_file_bytes)

@@ -17,7 +17,7 @@ import typer
 from rag_app.errors import RagError
 from rag_app.eval_cli import eval_command
 from rag_app.factory import Services
-from rag_app.settings import Settings, load_settings
+from rag_app.settings import MAX_PAGE, Settings, load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Ask questions about your documents with a local GPT.")
@@ -32,7 +32,7 @@ ModeOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
 SourceOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
     "--source", help="Only passages of this document (as `rag docs` lists it).")]
 PageOpt = Annotated[Optional[int], typer.Option(  # noqa: UP045
-    "--page", help="Only passages of this page (PDF documents).")]
+    "--page", min=1, max=MAX_PAGE, help="Only passages of this page (PDF documents).")]
 MmrOpt = Annotated[Optional[bool], typer.Option(  # noqa: UP045
     "--mmr/--no-mmr", help="Diversify passages with maximal marginal relevance.")]
 RerankOpt = Annotated[Optional[bool], typer.Option(  # noqa: UP045
@@ -132,10 +132,13 @@ def ingest(
     if as_json:
         _print_json(out)
     else:
+        skipped = f", {len(out['skipped'])} skipped" if out["skipped"] else ""
         _echo(f"{out['ingested']} ingested ({out['chunks']} chunks), "
-                   f"{out['unchanged']} unchanged, {len(out['removed'])} removed, "
-                   f"{len(out['failed'])} failed "
-                   f"-> collection {settings.collection!r} at {settings.db_uri}")
+              f"{out['unchanged']} unchanged, {len(out['removed'])} removed, "
+              f"{len(out['failed'])} failed{skipped} "
+              f"-> collection {settings.collection!r} at {settings.db_uri}")
+        for f in out["skipped"]:
+            _secho(f"  skipped: {f['path']}: {f['reason']}", fg=typer.colors.YELLOW, err=True)
         for f in out["failed"]:
             _secho(f"  failed: {f['path']}: {f['error']}", fg=typer.colors.RED, err=True)
     if out["failed"]:

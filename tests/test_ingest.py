@@ -5,9 +5,11 @@ import pytest
 
 from ingest.pipeline import Ingestor, SourceFile, walk
 from rag_app.errors import EmbeddingMismatchError, EmptyIndexError
+from rag_app.settings import IngestionSettings
 from rag_app.store import ChunkStore
 
 DATA = Path(__file__).resolve().parent.parent / "data"
+LIMITS = IngestionSettings()
 
 
 @pytest.fixture
@@ -177,7 +179,7 @@ def test_pdf_without_text_layer_says_so() -> None:
     buf = io.BytesIO()
     writer.write(buf)
     with pytest.raises(LoaderError, match="no extractable text"):
-        load_document(buf.getvalue(), "scan.pdf")
+        load_document(buf.getvalue(), "scan.pdf", LIMITS)
 
 
 def test_sync_removes_documents_whose_files_are_gone_and_bad_batch_keeps_index(
@@ -255,3 +257,178 @@ def test_sync_removes_only_what_is_proven_gone(ingestor: Ingestor, store: ChunkS
     report = ingestor.ingest(walk([folder]), "c", sync_prefixes=root)
     assert [Path(s).name for s in report.removed] == ["b.txt"]
     assert names() == ["a.md", "one.md", "two.md"]
+
+
+def _nested_forms_pdf(depth: int = 4, fan: int = 10, leaf_ops: int = 200) -> bytes:
+    """A one-page PDF of some 20 KB whose page draws a form that draws another `fan` times,
+    `depth` levels down, each leaf drawing `leaf_ops` strings: pypdf's text extraction
+    stops at 5,000 form invocations, after a million text operations (minutes)."""
+    import io
+
+    from pypdf import PdfWriter
+    from pypdf.generic import ArrayObject, DecodedStreamObject, DictionaryObject, NameObject
+    from pypdf.generic import NumberObject as N
+
+    writer = PdfWriter()
+    font = DictionaryObject({NameObject("/Type"): NameObject("/Font"),
+                             NameObject("/Subtype"): NameObject("/Type1"),
+                             NameObject("/BaseFont"): NameObject("/Helvetica")})
+    fonts = DictionaryObject({NameObject("/F1"): font})
+    inner = None
+    for _ in range(depth + 1):
+        form = DecodedStreamObject()
+        form.update({NameObject("/Type"): NameObject("/XObject"),
+                     NameObject("/Subtype"): NameObject("/Form"),
+                     NameObject("/BBox"): ArrayObject([N(0), N(0), N(600), N(800)])})
+        resources = DictionaryObject({NameObject("/Font"): fonts})
+        if inner is None:
+            form.set_data(b"BT /F1 10 Tf 20 700 Td " + b"(lol) Tj " * leaf_ops + b"ET")
+        else:
+            resources[NameObject("/XObject")] = DictionaryObject({NameObject("/X"): inner})
+            form.set_data(b"/X Do " * fan)
+        form[NameObject("/Resources")] = resources
+        inner = writer._add_object(form)
+    page = writer.add_blank_page(600, 800)
+    content = DecodedStreamObject()
+    content.set_data(b"/X Do")
+    page[NameObject("/Contents")] = writer._add_object(content)
+    page[NameObject("/Resources")] = DictionaryObject(
+        {NameObject("/XObject"): DictionaryObject({NameObject("/X"): inner}),
+         NameObject("/Font"): fonts})
+    buf = io.BytesIO()
+    writer.write(buf)
+    return buf.getvalue()
+
+
+def _names(store: ChunkStore) -> dict[str, int]:
+    return {d["source"].rsplit("/", 1)[-1]: d["chunks"] for d in store.documents("c")}
+
+
+def test_a_file_over_the_parse_time_limit_is_stopped_and_the_batch_goes_on(
+        services, store: ChunkStore, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "kept.md").write_text("# Kept\n\nStored before the slow batch.")
+    ingestor = Ingestor(services.embedder, store, services.settings.chunking,
+                        _limits(parse_timeout_s=1))
+    ingestor.ingest(walk([folder]), "c")
+    before = store.documents("c")
+    (folder / "forms.pdf").write_bytes(_nested_forms_pdf())
+    (folder / "later.md").write_text("# After\n\nParsed by a new parser process.")
+    report = ingestor.ingest(walk([folder]), "c").to_json()
+    assert report["failed"] == [{"path": str((folder / "forms.pdf").resolve()), "error":
+        "over the parse time limit of 1 s (ingestion.parse_timeout_s): not parsed"}]
+    assert (report["ingested"], report["unchanged"]) == (1, 1)
+    assert _names(store) == {"kept.md": 1, "later.md": 1}
+    assert [d for d in store.documents("c") if d["source"].endswith("kept.md")] == before
+    assert ingestor.parser.starts == 2  # the stopped process was replaced, once
+
+
+def test_a_file_over_the_memory_limit_is_reported_and_the_batch_goes_on(
+        services, store: ChunkStore, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.md").write_text("# A\n\nSmall enough.")
+    (folder / "b.txt").write_bytes("Café au lait. ".encode("cp1252") * 1_500_000)  # 21 MB
+    (folder / "c.md").write_text("# C\n\nSmall too.")
+    ingestor = Ingestor(services.embedder, store, services.settings.chunking,
+                        _limits(parse_memory_mb=16))
+    report = ingestor.ingest(walk([folder]), "c").to_json()
+    (failed,) = report["failed"]
+    assert failed["path"].endswith("b.txt")
+    assert "memory limit of 16 MB (ingestion.parse_memory_mb)" in failed["error"]
+    assert _names(store) == {"a.md": 1, "c.md": 1}
+
+
+def test_one_parser_process_serves_the_whole_batch(ingestor: Ingestor, corpus: Path) -> None:
+    assert ingestor.ingest(walk([corpus]), "c").to_json()["ingested"] == 8
+    assert ingestor.parser.starts == 1
+
+
+def test_a_pdf_over_the_page_cap_is_reported_not_parsed(services, store: ChunkStore,
+                                                         tmp_path: Path) -> None:
+    import io
+
+    from pypdf import PdfWriter
+
+    writer = PdfWriter()
+    for _ in range(2000):
+        writer.add_blank_page(200, 200)
+    buf = io.BytesIO()
+    writer.write(buf)
+    (tmp_path / "long.pdf").write_bytes(buf.getvalue())
+    ingestor = Ingestor(services.embedder, store, services.settings.chunking,
+                        _limits(max_pdf_pages=1000))
+    (failed,) = ingestor.ingest(walk([tmp_path / "long.pdf"]), "c").failed
+    assert failed.error == "2000 pages, more than ingestion.max_pdf_pages=1000: not parsed"
+
+
+def test_a_docx_that_unpacks_beyond_the_file_limit_is_refused_before_parsing(
+        services, store: ChunkStore, tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    import docx
+
+    d = docx.Document()
+    d.add_paragraph("A normal paragraph.")
+    buf = io.BytesIO()
+    d.save(buf)
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "word/document.xml":  # the text, then 50 MB of blanks
+                data = data.replace(b"</w:body>", b" " * 50_000_000 + b"</w:body>")
+            dst.writestr(item, data, compress_type=zipfile.ZIP_DEFLATED)
+    assert len(bomb.getvalue()) < 200_000
+    (tmp_path / "bomb.docx").write_bytes(bomb.getvalue())
+    ingestor = Ingestor(services.embedder, store, services.settings.chunking,
+                        _limits(max_file_mb=1, parse_memory_mb=16))
+    (failed,) = ingestor.ingest(walk([tmp_path / "bomb.docx"]), "c").failed
+    assert failed.error == "unpacks to 48 MB, more than ingestion.max_file_mb=1: not parsed"
+
+
+def test_nested_archives_are_reported_as_skipped(ingestor: Ingestor, store: ChunkStore,
+                                                 tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as zf:
+        zf.writestr("deep.md", "# Deep\n\nInside the inner archive.")
+    with zipfile.ZipFile(tmp_path / "outer.zip", "w") as zf:
+        zf.writestr("inner.zip", inner.getvalue())
+        zf.writestr("top.md", "# Top\n\nIn the outer archive.")
+    report = ingestor.ingest(walk([tmp_path / "outer.zip"]), "c").to_json()
+    assert report["skipped"] == [{"path": str((tmp_path / "outer.zip").resolve()) +
+                                  "/inner.zip", "reason": "a zip inside a zip: not opened "
+                                  "(unzip it and ingest its files)"}]
+    assert (report["ingested"], report["files"], report["failed"]) == (1, 1, [])
+    assert _names(store) == {"top.md": 1}
+
+
+def test_two_files_with_one_name_are_reported_not_merged(ingestor: Ingestor,
+                                                         store: ChunkStore,
+                                                         tmp_path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "two.zip", "w") as zf:
+        zf.writestr("a.md", "# First\n\nThe first a.md.")
+        zf.writestr("../a.md", "# Second\n\nAnother file, labelled a.md too.")
+    uploads = [SourceFile("upload/note.md", lambda: b"# One\n\nBananas are yellow."),
+               SourceFile("upload/note.md", lambda: b"# Two\n\nCherries are red.")]
+    report = ingestor.ingest([*walk([tmp_path / "two.zip"]), *uploads], "c").to_json()
+    same_name = "another file in this batch has the same name: only the first is ingested " \
+                "(rename one)"
+    assert [(Path(f["path"]).name, f["error"]) for f in report["failed"]] == [
+        ("a.md", same_name), ("note.md", same_name)]
+    assert report["ingested"] == 2 and report["chunks"] == 2
+    texts = set(store.db.open_table("c").to_arrow()["text"].to_pylist())
+    assert texts == {"The first a.md.", "Bananas are yellow."}
+    # the same file given twice is one document, ingested once
+    (tmp_path / "same.md").write_text("# Same\n\nGiven twice.")
+    twice = ingestor.ingest(walk([tmp_path / "same.md", tmp_path / "same.md"]), "c").to_json()
+    assert sorted(r["status"] for r in twice["results"] if r["path"].endswith("same.md")
+                  ) == ["ingested", "unchanged"]
+    assert twice["failed"] == [] and _names(store)["same.md"] == 1

@@ -117,3 +117,61 @@ def test_unparsable_or_infinite_env_values_name_the_setting(
     monkeypatch.setenv(var, value)
     with pytest.raises(SettingsError, match=says):
         load_settings()
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    ({"ingestion": {"parse_timeout_s": 0}}, "ingestion.parse_timeout_s"),
+    ({"ingestion": {"parse_timeout_s": float("inf")}}, "ingestion.parse_timeout_s"),
+    ({"ingestion": {"parse_timeout_s": float("nan")}}, "ingestion.parse_timeout_s"),
+    ({"ingestion": {"parse_memory_mb": 0}}, "ingestion.parse_memory_mb"),
+    ({"ingestion": {"max_pdf_pages": 0}}, "ingestion.max_pdf_pages"),
+    ({"generation": {"seed": 2**32}}, "generation.seed"),
+    ({"generation": {"seed": -1}}, "generation.seed"),
+    ({"db_uri": ""}, "db_uri"),
+    ({"db_uri": "  "}, "db_uri"),
+])
+def test_parse_budgets_seeds_and_the_database_are_checked(overrides: dict, field: str) -> None:
+    with pytest.raises(SettingsError, match=field.replace(".", r"\.")):
+        load_settings(**overrides)
+
+
+def test_an_empty_db_uri_in_the_environment_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAG_DB_URI", "")  # LanceDB would write into the current folder
+    with pytest.raises(SettingsError, match=r"db_uri \(RAG_DB_URI\): .*must not be empty"):
+        load_settings()
+
+
+@pytest.mark.parametrize("name", [
+    "default", "notes_2024", "a-b", "v1.2", "-x", "日本語", "café", "a b", "a/b", "../x", "",
+    ".", "..", "x\u0301", "tab\t", "x" * 128, "x" * 129])
+def test_collection_names_follow_lancedbs_rule_with_a_length_limit(name: str) -> None:
+    from lancedb.util import validate_table_name
+
+    try:
+        validate_table_name(name)
+        lancedb_ok = True
+    except ValueError:
+        lancedb_ok = False
+    if lancedb_ok and len(name) <= 128:
+        assert load_settings(collection=name).collection == name
+    else:
+        with pytest.raises(SettingsError, match=r"invalid setting collection \(RAG_COLLECTION\)"):
+            load_settings(collection=name)
+
+
+def test_unknown_rag_variables_are_warned_about_with_the_closest_name(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("RAG_RETRIEVAL__KK", "3")
+    monkeypatch.setenv("RAG_INGESTION__PARSE_TIMEOUT", "5")
+    monkeypatch.setenv("RAG_LLM__MODEL", "x")  # known: no warning
+    monkeypatch.setenv("RAG_DB_STORAGE_OPTIONS__AWS_REGION", "eu-west-1")  # a mapping key
+    with caplog.at_level("WARNING", logger="rag_app.settings"):
+        load_settings()
+    warned = [r.getMessage() for r in caplog.records
+              if "RAG_RETRIEVAL" in r.getMessage() or "RAG_INGESTION" in r.getMessage()
+              or "RAG_LLM" in r.getMessage() or "RAG_DB" in r.getMessage()]
+    assert warned == [
+        "unknown environment variable RAG_INGESTION__PARSE_TIMEOUT sets no setting; did you "
+        "mean RAG_INGESTION__PARSE_TIMEOUT_S?",
+        "unknown environment variable RAG_RETRIEVAL__KK sets no setting; did you mean "
+        "RAG_RETRIEVAL__K?"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from rag_app.factory import Services
+from rag_app.settings import collection_problem
 from ui import state
 
 
@@ -21,11 +22,13 @@ def render(services: Services) -> None:
             known.append(current)
         chosen = st.selectbox("Collection", known, index=known.index(current))
         new = st.text_input("New collection", placeholder="name, then Enter",
-                            help="Letters, digits, '_' or '-'; created by its first upload.")
-        if new and new.replace("_", "").replace("-", "").isalnum():
+                            help="ASCII letters, digits, '_', '-' or '.'; created by its "
+                            "first upload.")
+        problem = collection_problem(new) if new else None
+        if new and problem is None:
             chosen = new
-        elif new:
-            st.error("A collection name uses letters, digits, '_' or '-'.")
+        elif problem:
+            st.error(problem.replace("collection must", "A collection name must", 1))
         st.session_state["collection"] = chosen
         st.subheader("Retrieval")
         opts["mode"] = st.radio("Mode", ["hybrid", "vector", "fulltext"], horizontal=True,

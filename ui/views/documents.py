@@ -36,7 +36,8 @@ if uploads and st.button("Ingest", type="primary", icon=":material/upload:"):
     summary = report.to_json()
     (st.warning if report.failed else st.success)(
         f"{summary['ingested']} ingested ({summary['chunks']} chunks), "
-        f"{summary['unchanged']} unchanged, {len(report.failed)} failed")
+        f"{summary['unchanged']} unchanged, {len(report.failed)} failed"
+        + (f", {len(report.skipped)} skipped" if report.skipped else ""))
     st.dataframe([{"file": r.path, "result": r.status, "chunks": r.chunks,
                    "error": r.error or ""} for r in report.results], hide_index=True)
     for r in report.failed:
