@@ -32,10 +32,17 @@ def tokens(lm: LocalLM, text: str) -> list[tuple[str, int]]:
 
 
 def _ids(lm: LocalLM, text: str) -> torch.Tensor:
+    """The ids the model reads: at most its context, the last tokens of a longer text (as a
+    GPT reads a text longer than its window)."""
     ids = lm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         raise ValueError("type some text first")
-    return ids.to(lm.device)  # (1, T)
+    return ids[:, -lm.context_length:].to(lm.device)  # (1, T <= context)
+
+
+def over_context(lm: LocalLM, n_tokens: int) -> int:
+    """How many leading tokens of an `n_tokens` text the model does not read (0: none)."""
+    return max(0, n_tokens - lm.context_length)
 
 
 def next_token(lm: LocalLM, text: str, temperature: float = 1.0, top_k: int = 0,

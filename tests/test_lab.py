@@ -74,3 +74,13 @@ def test_attention_is_causal_and_normalised(lm) -> None:
     finally:
         lm.model.set_attn_implementation("sdpa")
     assert (weights - exact).abs().max() < 0.05
+
+
+def test_a_prompt_longer_than_the_context_is_read_by_its_last_tokens(lm, monkeypatch) -> None:
+    monkeypatch.setattr(lm, "context_length", 64)  # the real model, a short window to fill
+    text = "hello world " * 100
+    n = len(lab.tokens(lm, text))
+    assert lab.over_context(lm, n) == n - 64 > 0 and lab.over_context(lm, 10) == 0
+    assert lab._ids(lm, text).shape[1] == 64
+    tail = lm.tokenizer.decode(lab._ids(lm, text)[0])
+    assert lab.next_token(lm, text, n=5) == lab.next_token(lm, tail, n=5)  # its last 64

@@ -32,8 +32,12 @@ st.subheader("1 · BPE tokens")
 pieces = lab.tokens(lm, text)
 colours = ["blue", "green", "orange", "violet", "red", "gray"]
 st.markdown(" ".join(f":{colours[i % len(colours)]}-background[{render.escape_markdown(p)}]"
-                     for i, (p, _) in enumerate(pieces)))
-st.caption(f"{len(pieces)} tokens · ids: {' '.join(str(i) for _, i in pieces)}")
+                     for i, (p, _) in enumerate(pieces[:2000])))
+st.caption(f"{len(pieces)} tokens · ids: {' '.join(str(i) for _, i in pieces[:2000])}"
+           f"{' …' if len(pieces) > 2000 else ''}")
+if cut := lab.over_context(lm, len(pieces)):
+    st.warning(f"The prompt is longer than the model's context of {lm.context_length} "
+               f"tokens: it reads the last {lm.context_length}, not the first {cut}.")
 
 st.subheader("2 · Next-token distribution")
 c1, c2, c3 = st.columns(3)
