@@ -31,6 +31,8 @@ __all__ = ["FileResult", "IngestReport", "Ingestor", "Parser", "SourceFile", "do
            "uploaded", "walk"]
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
+NAME_TAKEN = ("a different document of this name is already in the collection: rename the "
+              "file, or upload it with 'replace'")
 
 
 @dataclass
@@ -87,12 +89,15 @@ class Ingestor:
         self.overlap_tokens = min(chunking.overlap_tokens, self.size_tokens // 2)
 
     def ingest(self, files: Iterable[Item], collection: str, progress: Progress | None = None,
-               sync_prefixes: Iterable[str] = (), sync_glob: str | None = None
-               ) -> IngestReport:
+               sync_prefixes: Iterable[str] = (), sync_glob: str | None = None,
+               replace: bool = True) -> IngestReport:
         """Ingest `files`; with `sync_prefixes`, also remove stored documents under those
         prefixes that were not seen in `files` (their files are gone): only those the walk
         would have selected (`sync_glob`, the walk's pattern) and none under a path that
-        failed (an unreadable folder or archive proves nothing gone)."""
+        failed (an unreadable folder or archive proves nothing gone).
+
+        `replace=False` (uploads): a file whose name is already a different document of the
+        collection is reported, not stored over it (another user's `report.md`, say)."""
         report = IngestReport()
         known = self.store.document_hashes(collection)
         seen: dict[str, tuple[str, str | None]] = {}  # source -> (digest, error) this run
@@ -109,7 +114,7 @@ class Ingestor:
             if isinstance(item, FileResult):
                 finish(item)
                 continue
-            prepared = self._prepare(item, known, seen)
+            prepared = self._prepare(item, known, seen, replace)
             if isinstance(prepared, FileResult):
                 finish(prepared)
                 continue
@@ -156,7 +161,8 @@ class Ingestor:
                 yield item
 
     def _prepare(self, file: SourceFile, known: dict[str, str],
-                 seen: dict[str, tuple[str, str | None]]) -> _Pending | FileResult:
+                 seen: dict[str, tuple[str, str | None]], replace: bool = True
+                 ) -> _Pending | FileResult:
         try:
             data = file.read()
         except OSError as e:
@@ -167,6 +173,8 @@ class Ingestor:
         seen[file.source] = (digest, None)
         if known.get(file.source) == digest:
             return FileResult(file.source, "unchanged")
+        if not replace and file.source in known:
+            return FileResult(file.source, "failed", error=NAME_TAKEN)
         try:
             rows, texts = self._rows(file.source, data, digest)
         except LoaderError as e:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from ingest.pipeline import Ingestor, IngestReport, Progress, document_rows
+from ingest.pipeline import NAME_TAKEN, Ingestor, IngestReport, Progress, document_rows
 from ingest.sources import FileResult, Item
 from rag_app.embeddings import Embedder, count_tokens
 from rag_app.errors import ClusterError, LoaderError, MissingDependencyError, RagError
@@ -84,8 +84,8 @@ class RayIngestor(Ingestor):
         self.embedding = embedding or EmbeddingSettings(model=embedder.name)
 
     def ingest(self, files: Iterable[Item], collection: str, progress: Progress | None = None,
-               sync_prefixes: Iterable[str] = (), sync_glob: str | None = None
-               ) -> IngestReport:
+               sync_prefixes: Iterable[str] = (), sync_glob: str | None = None,
+               replace: bool = True) -> IngestReport:
         """As `Ingestor.ingest`; results come out in input order."""
         self._connect()
         workers_read = self._workers_read()
@@ -113,7 +113,8 @@ class RayIngestor(Ingestor):
             first[item.source] = order
             task = {"order": order, "source": item.source, "path": None, "data": None,
                     "digest": None, "known": known.get(item.source)}
-            if item.path is not None and workers_read:
+            # a name already taken, without `replace`: read here, where the digest is known
+            if item.path is not None and workers_read and (replace or item.source not in known):
                 tasks.append({**task, "path": item.path})
                 continue
             try:
@@ -125,6 +126,9 @@ class RayIngestor(Ingestor):
             digest = hashlib.sha256(data).hexdigest()
             if known.get(item.source) == digest:
                 finish(order, FileResult(item.source, "unchanged"))
+                continue
+            if not replace and item.source in known:
+                finish(order, FileResult(item.source, "failed", error=NAME_TAKEN))
                 continue
             tasks.append({**task, "data": data, "digest": digest})
             shipped += len(data)

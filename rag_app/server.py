@@ -276,15 +276,19 @@ def upload_documents(
     files: Annotated[list[UploadFile], File(description="txt, md, pdf, html, docx, csv, or "
                                                         "a zip of these")],
     collection: Annotated[str | None, Form(pattern=COLLECTION)] = None,
+    replace: Annotated[bool, Form(description="store over a different document of the same "
+                                              "name (otherwise it is reported)")] = False,
 ) -> dict[str, Any]:
     """Ingest uploaded files (as the UI's upload does: sources `upload/NAME`, files above
-    ui.max_upload_mb refused); the reply is the per-file report of `rag ingest --json`."""
+    ui.max_upload_mb refused, a name already taken by a different document reported unless
+    `replace`); the reply is the per-file report of `rag ingest --json`."""
     from ingest.pipeline import uploaded
 
     services = _ready(request, "store")
     limit = services.settings.ui.max_upload_mb
     items = [uploaded(f.filename or "", _size(f), f.file.read, limit) for f in files]
-    report = services.ingestor().ingest(items, collection or services.settings.collection)
+    report = services.ingestor().ingest(items, collection or services.settings.collection,
+                                        replace=replace)
     return report.to_json()
 
 

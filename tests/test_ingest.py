@@ -85,6 +85,26 @@ def test_uploaded_bytes_are_ingested_under_their_source_name(
     assert [d["source"] for d in store.documents("c")] == ["upload/note.md"]
 
 
+def test_an_upload_never_replaces_another_document_of_its_name_unless_asked(
+        ingestor: Ingestor, store: ChunkStore) -> None:
+    def up(text: bytes) -> SourceFile:
+        return SourceFile("upload/report.md", lambda: text)
+
+    first = b"# Report\n\nQuokkas live on Rottnest Island."
+    ingestor.ingest([up(first)], "c", replace=False)
+    second = ingestor.ingest([up(b"# Report\n\nWombats dig burrows.")], "c", replace=False)
+    (result,) = second.results
+    assert result.status == "failed" and "already in the collection" in result.error
+    kept = store.search("c", "Rottnest", ingestor.embedder.embed_query("Rottnest"), 5, "vector")
+    assert [h.text for h in kept] and all("Quokkas" in h.text for h in kept)
+    again = ingestor.ingest([up(first)], "c", replace=False)  # the same file: unchanged
+    assert again.results[0].status == "unchanged"
+    replaced = ingestor.ingest([up(b"# Report\n\nWombats dig burrows.")], "c", replace=True)
+    assert replaced.results[0].status == "ingested"
+    hits = store.search("c", "burrows", ingestor.embedder.embed_query("burrows"), 5, "vector")
+    assert hits and all("Wombats" in h.text for h in hits)
+
+
 def test_collections_are_separate(ingestor: Ingestor, store: ChunkStore, corpus: Path) -> None:
     ingestor.ingest(walk([corpus / "chunking.md"]), "one")
     with pytest.raises(EmptyIndexError, match="'two'"):

@@ -239,6 +239,14 @@ def test_documents_upload_list_delete(server: Server, pdf_bytes) -> None:
     again = server.request("POST", "/v1/documents", files=files[:1],
                            data={"collection": "uploads"}).json()
     assert again["unchanged"] == 1 and again["chunks"] == 0
+    other = [("files", ("quokka.md", b"# Another quokka note\n\nIt is nocturnal.\n",
+                        "text/markdown"))]  # another user's file of the same name
+    taken = server.request("POST", "/v1/documents", files=other,
+                           data={"collection": "uploads"}).json()
+    assert taken["ingested"] == 0 and "already in the collection" in taken["failed"][0]["error"]
+    restore = server.request("POST", "/v1/documents", files=other,
+                             data={"collection": "uploads", "replace": "true"}).json()
+    assert restore["ingested"] == 1
 
     listed = server.get("/v1/documents", params={"collection": "uploads"}).json()
     assert listed["collection"] == "uploads"

@@ -18,6 +18,10 @@ st.caption(render.escape_markdown(f"Collection {collection} at {settings.db_uri}
 
 uploads = st.file_uploader("Add documents", accept_multiple_files=True,
                            help="txt, md, pdf, html, docx, csv, or a zip of these")
+replace = st.checkbox("Replace documents of the same name",
+                      help="Otherwise a file named like a different document already in the "
+                      "collection (another user's report.md, say) is reported, not stored "
+                      "over it.")
 if uploads and st.button("Ingest", type="primary", icon=":material/upload:"):
     files: list[SourceFile | FileResult] = [
         uploaded(up.name, up.size, up.getvalue, settings.ui.max_upload_mb) for up in uploads]
@@ -29,7 +33,7 @@ if uploads and st.button("Ingest", type="primary", icon=":material/upload:"):
         bar.progress(len(done) / len(files), text=f"{len(done)}/{len(files)} files")
 
     try:
-        report = services.ingestor().ingest(files, collection, progress)
+        report = services.ingestor().ingest(files, collection, progress, replace=replace)
     except RagError as e:
         st.error(str(e))
         st.stop()
