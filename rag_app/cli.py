@@ -107,20 +107,14 @@ def ingest(
     try:
         settings = _settings(collection=collection,
                              ingestion={"engine": engine} if engine else None)
-        from tqdm import tqdm
-
         from ingest.pipeline import walk
+        from ingest.progress import IngestProgress
 
         ingestor = Services(settings).ingestor()
         files = list(walk(paths, glob, max_depth=settings.ingestion.max_depth,
                           outside_links=settings.ingestion.outside_links))
-        done = {"chunks": 0, "failed": 0}
-        with tqdm(total=len(files), unit="file", disable=as_json, file=sys.stderr) as bar:
-            def progress(result: Any) -> None:
-                done["chunks"] += result.chunks
-                done["failed"] += result.status == "failed"
-                bar.set_postfix(done, refresh=False)
-                bar.update()
+        # a bar by bytes on stderr, or under --json JSON lines there (per file, every 5 s)
+        with IngestProgress(files, sys.stderr, as_json) as progress:
             report = ingestor.ingest(
                 files, settings.collection, progress,
                 # a missing root proves nothing gone: it may be unmounted or renamed

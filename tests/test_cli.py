@@ -38,6 +38,16 @@ def test_ingest_json_reports_bad_files_and_ingests_the_rest(tmp_path: Path, db: 
     assert out["files"] == 2 and out["chunks"] > 2
     assert [Path(f["path"]).name for f in out["failed"]] == ["broken.docx"]
     assert "cannot parse .docx" in out["failed"][0]["error"]
+    # progress for scripts: a JSON line on stderr per file, by files, chunks and bytes
+    lines = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    per_file = [p for p in lines if p["event"] == "file"]
+    assert sorted(Path(p["path"]).name for p in per_file) == ["broken.docx", "chunking.md",
+                                                             "lancedb.md"]
+    last = per_file[-1]
+    size = sum(f.stat().st_size for f in docs.iterdir())
+    assert last["files_done"] == last["files_total"] == 3 and last["failed"] == 1
+    assert last["bytes_done"] == last["bytes_total"] == size and last["chunks"] == out["chunks"]
+    assert last["eta_s"] == 0 and last["bytes_per_s"] > 0
     again = json.loads(run("ingest", str(docs / "lancedb.md"), "--json").stdout)
     assert again == {**again, "unchanged": 1, "chunks": 0, "failed": []}
 
