@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-_CITED_SENTENCE = re.compile(r"\[\d+(?:\s*[,;-]\s*\d+)*\]")
+# A citation: [n], [n, m], [n-m]; the one rule the prompt, citation matching and the
+# metrics read answers by (group 1: the numbers)
+CITATION = re.compile(r"\[(\d+(?:\s*[,;-]\s*\d+)*)\]")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 _WORD = re.compile(r"\w+")
 _STOP_WORDS = (
@@ -49,7 +51,7 @@ def match_sources(answer: str, question: str, texts: Sequence[str], cited: Seque
     vocab = [content_words(t) for t in texts]
     matched: list[int] = []
     for sentence in sentences(answer):
-        if _CITED_SENTENCE.search(sentence):
+        if CITATION.search(sentence):
             continue
         words = content_words(sentence)
         evidence = (words - asked) or words

@@ -14,6 +14,8 @@ import string
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
+from rag_app.citations import CITATION
+
 Qrels = Mapping[str, int]  # passage id -> relevance score of one query
 
 # -- retrieval -----------------------------------------------------------------------------
@@ -72,7 +74,6 @@ def retrieval_metrics(runs: Sequence[tuple[Sequence[str], Qrels]]) -> dict[str, 
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
-_CITATION = re.compile(r"\[\d+(?:\s*[,;-]\s*\d+)*\]")
 
 
 def normalize_answer(text: str) -> str:
@@ -84,7 +85,7 @@ def normalize_answer(text: str) -> str:
 
 def strip_citations(text: str) -> str:
     """Remove citation markers such as [1] or [1, 2] so they do not count as answer tokens."""
-    return _CITATION.sub(" ", text)
+    return CITATION.sub(" ", text)
 
 
 def exact_match(prediction: str, golds: Sequence[str]) -> float:

@@ -8,6 +8,7 @@ from pathlib import PurePath
 
 from langchain_core.documents import Document
 
+from rag_app.citations import CITATION
 from rag_app.llm import Message
 
 NOT_FOUND = "I could not find the answer in your documents."
@@ -58,13 +59,12 @@ def fit_sources(
     return kept
 
 
-_CITATION = re.compile(r"\[(\d+(?:\s*[,;-]\s*\d+)*)\]")
 
 
 def parse_citations(answer: str, n_sources: int) -> list[int]:
     """Source numbers cited as [n], [n, m] or [n-m], in order, without unknown numbers."""
     cited: list[int] = []
-    for group in _CITATION.findall(answer):
+    for group in CITATION.findall(answer):
         for part in re.split(r"\s*[,;]\s*", group):
             lo, _, hi = part.partition("-")
             # clamped to the sources: "[1-10000000]" costs n_sources steps, not ten million
