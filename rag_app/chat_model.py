@@ -14,7 +14,8 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from pydantic import ConfigDict, Field, ValidationError
 
 from rag_app.errors import SettingsError
-from rag_app.llm import Generation, LocalLM, Message
+from rag_app.llm import Generation, LocalLM
+from rag_app.prompt import Message
 from rag_app.settings import GenerationSettings, format_validation_error
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "user"}

@@ -39,10 +39,10 @@ from rag_app.errors import ModelLoadError
 from rag_app.gate import FairGate
 from rag_app.grounded import GroundedLogitsProcessor, Grounding, SpanIndex, bracket_tokens
 from rag_app.locate import resolve_model_ref
+from rag_app.prompt import Message
 from rag_app.settings import GenerationSettings, LLMSettings
 
 log = logging.getLogger(__name__)
-Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
 
 
 @dataclass

@@ -9,7 +9,8 @@ from pathlib import PurePath
 from langchain_core.documents import Document
 
 from rag_app.citations import CITATION
-from rag_app.llm import Message
+
+Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
 
 NOT_FOUND = "I could not find the answer in your documents."
 
