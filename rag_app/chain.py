@@ -20,7 +20,14 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda, R
 
 from rag_app.chat_model import LocalChatModel, generation_options, model_metadata
 from rag_app.citations import match_sources
-from rag_app.grounded import Grounding, Span, locate_span, strip_end, to_sentence_end
+from rag_app.grounded import (
+    Grounding,
+    Span,
+    locate_span,
+    strip_end,
+    to_sentence_end,
+    with_expansion,
+)
 from rag_app.prompt import (
     NOT_FOUND,
     asks_two_things,
@@ -253,9 +260,11 @@ class RagChain:
         elif out.confidence is not None and out.confidence < min_prob:
             out.answer, out.found, out.refusal = NOT_FOUND, False, LOW_CONFIDENCE
         else:
+            source = out.sources[span.n - 1].page_content
+            span = with_expansion(span, source)  # "RRF" -> "reciprocal rank fusion (RRF)"
             if asks_two_things(out.question):
-                span = to_sentence_end(span, out.sources[span.n - 1].page_content)
-                text = " ".join(span.text.split())
+                span = to_sentence_end(span, source)
+            text = " ".join(span.text.split())
             out.spans, out.cited = [span], [span.n]
             out.answer = f"{text} [{span.n}]"
 

@@ -224,6 +224,26 @@ def to_sentence_end(span: Span, text: str, limit: int = 300) -> Span:
     return Span(span.n, span.start, end, text[span.start:end])
 
 
+_ACRONYM = re.compile(r"[A-Z][A-Za-z]?[A-Z]{1,5}s?")
+
+
+def with_expansion(span: Span, text: str) -> Span:
+    """An acronym answer ("RRF") with the words it stands for, where its source spells them
+    out as "reciprocal rank fusion (RRF)": the span then starts at those words."""
+    if not _ACRONYM.fullmatch(span.text):
+        return span
+    letters = span.text.rstrip("s").upper()
+    for m in re.finditer(r"\(" + re.escape(span.text) + r"\)", text):
+        words = list(re.finditer(r"[\w']+", text[max(0, m.start() - 200):m.start()]))
+        if len(words) < len(letters):
+            continue
+        lead = words[-len(letters):]
+        if "".join(w.group()[0] for w in lead).upper() == letters:
+            start = max(0, m.start() - 200) + lead[0].start()
+            return Span(span.n, start, m.end(), text[start:m.end()])
+    return span
+
+
 def locate_span(answer: str, passages: Sequence[str]) -> Span | None:
     """The first passage (in source order) holding `answer` verbatim, up to whitespace, and
     the character offsets of the copy in that passage's own text."""

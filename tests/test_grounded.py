@@ -9,7 +9,14 @@ import random
 import pytest
 
 from rag_app.chain import FOLLOWS_NOT_FOUND, Turn
-from rag_app.grounded import Grounding, SpanIndex, locate_span, strip_end, to_sentence_end
+from rag_app.grounded import (
+    Grounding,
+    SpanIndex,
+    locate_span,
+    strip_end,
+    to_sentence_end,
+    with_expansion,
+)
 from rag_app.llm import LocalLM
 from rag_app.prompt import NOT_FOUND, build_messages
 from rag_app.settings import GenerationSettings
@@ -149,3 +156,13 @@ def test_a_grounded_span_ends_only_after_a_word_that_carries_meaning(engines) ->
     ids = lambda s: tuple(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
     assert not index.at_word_end(ids("and"))
     assert index.at_word_end(ids("Holtzman and colleagues")) and index.at_word_end(ids("2019"))
+
+
+def test_an_acronym_answer_carries_the_words_it_stands_for() -> None:
+    text = "The reranker uses reciprocal rank fusion (RRF) by default. RRF ignores scores."
+    span = with_expansion(locate_span("RRF", [text]), text)
+    assert span.text == "reciprocal rank fusion (RRF)" and text[span.start:span.end] == span.text
+    other = "A BART generator and a dense passage retriever (DPR)."
+    assert with_expansion(locate_span("BART", [other]), other).text == "BART"  # not spelt out
+    plain = "Rottnest Island"
+    assert with_expansion(locate_span("Rottnest", [plain]), plain).text == "Rottnest"
