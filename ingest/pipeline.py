@@ -124,6 +124,22 @@ class Ingestor:
         self._flush(collection, pending, finish)
         return self._conclude(collection, report, known, sync_prefixes, sync_glob)
 
+    def sync_plan(self, files: Iterable[Item], collection: str, sync_prefixes: Iterable[str],
+                  sync_glob: str | None = None) -> list[str]:
+        """What `ingest(..., sync_prefixes)` would remove (documents whose files are gone),
+        without reading, parsing or writing any document: archives are opened for their
+        entry names only. Nothing under a path that fails to walk or open is listed."""
+        known = self.store.document_hashes(collection)
+        seen, failed = set(), []
+        for item in self._expanded(files):
+            seen.add(item.path if isinstance(item, FileResult) else item.source)
+            if isinstance(item, FileResult) and item.status == "failed":
+                failed.append(_archive(item.path))
+        prefixes = list(sync_prefixes)
+        return sorted(s for s in known if s not in seen
+                      and any(proven_gone(s, p, sync_glob) for p in prefixes)
+                      and not any(_under(s, f) for f in failed))
+
     def _conclude(self, collection: str, report: IngestReport, known: dict[str, str],
                   sync_prefixes: Iterable[str], sync_glob: str | None = None) -> IngestReport:
         """Remove synced documents whose files are gone; bring the indexes up to date (also

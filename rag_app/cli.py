@@ -98,6 +98,9 @@ def ingest(
         "--glob", help="Only files whose path inside a folder matches, e.g. '*.md'.")] = None,
     sync: Annotated[bool, typer.Option(
         "--sync", help="Also remove stored documents under PATHS whose files are gone.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="With --sync: list what it would remove, and why; ingest and remove "
+        "nothing.")] = False,
     engine: Annotated[Optional[str], typer.Option(  # noqa: UP045
         "--engine", help="local | ray: parse, chunk and embed here or on a Ray cluster "
         "(default: setting ingestion.engine).")] = None,
@@ -110,16 +113,29 @@ def ingest(
         from ingest.pipeline import walk
         from ingest.progress import IngestProgress
 
+        if dry_run and not sync:
+            raise typer.BadParameter("it shows what --sync would remove: give both",
+                                     param_hint="--dry-run")
         ingestor = Services(settings).ingestor()
         files = list(walk(paths, glob, max_depth=settings.ingestion.max_depth,
                           outside_links=settings.ingestion.outside_links))
+        # a missing root proves nothing gone: it may be unmounted or renamed
+        prefixes = [str(p.resolve()) for p in paths if p.exists()] if sync else []
+        if dry_run:
+            gone = ingestor.sync_plan(files, settings.collection, prefixes, glob)
+            if as_json:
+                _print_json({"would_remove": gone, "reason": "file gone"})
+            else:
+                for source in gone:
+                    _echo(f"would remove {source}: its file is gone")
+                _echo(f"{len(gone)} would be removed from collection {settings.collection!r}; "
+                      "nothing was changed")
+            return
         # a bar by bytes on stderr, or under --json JSON lines there (per file, every 5 s)
         with IngestProgress(files, sys.stderr, as_json) as progress:
             report = ingestor.ingest(
                 files, settings.collection, progress,
-                # a missing root proves nothing gone: it may be unmounted or renamed
-                sync_prefixes=[str(p.resolve()) for p in paths if p.exists()] if sync else (),
-                sync_glob=glob)
+                sync_prefixes=prefixes, sync_glob=glob)
     except RagError as e:
         raise _fail(e) from None
     out = report.to_json()

@@ -274,6 +274,11 @@ def test_sync_removes_only_what_is_proven_gone(ingestor: Ingestor, store: ChunkS
     # an archive that cannot be read proves nothing about its entries; b.txt is gone
     (folder / "c.zip").write_bytes((folder / "c.zip").read_bytes()[:40])
     (folder / "b.txt").unlink()
+    # the dry run lists what the sync will remove, and changes nothing
+    assert [Path(s).name for s in ingestor.sync_plan(walk([folder]), "c", root)] == ["b.txt"]
+    assert [Path(s).name for s in ingestor.sync_plan(walk([folder], "*.md"), "c", root,
+                                                     "*.md")] == []
+    assert len(names()) == 4
     report = ingestor.ingest(walk([folder]), "c", sync_prefixes=root)
     assert [Path(s).name for s in report.removed] == ["b.txt"]
     assert names() == ["a.md", "one.md", "two.md"]
