@@ -261,7 +261,8 @@ class RagChain:
             out.answer, out.found, out.refusal = NOT_FOUND, False, LOW_CONFIDENCE
         else:
             source = out.sources[span.n - 1].page_content
-            span = with_expansion(span, source)  # "RRF" -> "reciprocal rank fusion (RRF)"
+            # "RRF" -> "reciprocal rank fusion (RRF)"
+            span = with_expansion(span, source, out.question)
             if asks_two_things(out.question):
                 span = to_sentence_end(span, source)
             text = " ".join(span.text.split())

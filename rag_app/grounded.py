@@ -227,9 +227,10 @@ def to_sentence_end(span: Span, text: str, limit: int = 300) -> Span:
 _ACRONYM = re.compile(r"[A-Z][A-Za-z]?[A-Z]{1,5}s?")
 
 
-def with_expansion(span: Span, text: str) -> Span:
+def with_expansion(span: Span, text: str, question: str = "") -> Span:
     """An acronym answer ("RRF") with the words it stands for, where its source spells them
-    out as "reciprocal rank fusion (RRF)": the span then starts at those words."""
+    out as "reciprocal rank fusion (RRF)": the span then starts at those words. Not when
+    the question asks about those very words ("What is byte-pair encoding?": "BPE")."""
     if not _ACRONYM.fullmatch(span.text):
         return span
     letters = span.text.rstrip("s").upper()
@@ -238,7 +239,8 @@ def with_expansion(span: Span, text: str) -> Span:
         if len(words) < len(letters):
             continue
         lead = words[-len(letters):]
-        if "".join(w.group()[0] for w in lead).upper() == letters:
+        asked = content_words(" ".join(w.group() for w in lead)) <= content_words(question)
+        if "".join(w.group()[0] for w in lead).upper() == letters and not asked:
             start = max(0, m.start() - 200) + lead[0].start()
             return Span(span.n, start, m.end(), text[start:m.end()])
     return span

@@ -164,5 +164,8 @@ def test_an_acronym_answer_carries_the_words_it_stands_for() -> None:
     assert span.text == "reciprocal rank fusion (RRF)" and text[span.start:span.end] == span.text
     other = "A BART generator and a dense passage retriever (DPR)."
     assert with_expansion(locate_span("BART", [other]), other).text == "BART"  # not spelt out
+    asked = "It reads byte-pair encoding (BPE) pieces."  # the question names the words
+    assert with_expansion(locate_span("BPE", [asked]), asked,
+                          "What is byte-pair encoding?").text == "BPE"
     plain = "Rottnest Island"
     assert with_expansion(locate_span("Rottnest", [plain]), plain).text == "Rottnest"
