@@ -51,7 +51,8 @@ def _start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str
     with log.open("w") as out:
         proc = subprocess.Popen([*RAG, "serve", "--port", str(port)], env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
-    while True:
+    deadline = time.monotonic() + 600  # a bound on start-up, so a hung server ends the run
+    while time.monotonic() < deadline:
         if proc.poll() is not None:
             sys.exit(f"rag serve exited:\n{log.read_text()}")
         try:
@@ -59,6 +60,8 @@ def _start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str
                 return proc, url
         except httpx.TransportError:
             time.sleep(0.2)
+    proc.kill()
+    sys.exit(f"rag serve did not answer /health in 600 s:\n{log.read_text()}")
 
 
 def _first_token_s(url: str, question: str) -> float:
