@@ -35,7 +35,7 @@ class Grounding:
 
     passages: Sequence[str]
     extra: Sequence[str] = ()
-    question: str = ""  # for generation.echo_penalty
+    question: str = ""  # for generation.echo_penalty and generation.kind_bias
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,21 @@ class SpanIndex:
                 out.append(tok)
         return sorted(out)
 
+    def kind_starts(self, tokenizer: PreTrainedTokenizerBase, kind: str) -> list[int]:
+        """First tokens that begin an answer of `kind` ("number": a digit, a number word,
+        a currency sign or a quantity's "over"/"about"; "date": a digit, a month, a day of
+        the week, a season): see `answer_kind`."""
+        out = []
+        for tok in self.first.tolist():
+            piece = tokenizer.decode([tok]).strip()
+            word = piece.lower()
+            if piece[:1].isdigit() or (kind == "number" and (
+                    piece[:1] in "$£€" and piece or word in _NUMBER_WORDS)) or (
+                    kind == "date" and len(word) >= 3 and any(
+                        w.startswith(word) for w in _DATE_WORDS)):
+                out.append(tok)
+        return sorted(out)
+
     def matches(self, generated: tuple[int, ...]) -> list[tuple[int, int]]:
         """(text, byte offset after it) of every copy of `generated` in the texts."""
         if generated in self._memo:
@@ -160,19 +175,53 @@ class SpanIndex:
         return False
 
 
+_NUMBER_WORDS = frozenset((
+    "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+    "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
+    "nineteen", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty",
+    "ninety", "hundred", "hundreds", "thousand", "thousands", "million", "millions",
+    "billion", "billions", "dozen", "dozens", "half", "several", "over", "about", "around",
+    "nearly", "almost", "approximately", "roughly", "more", "less", "fewer"))
+_DATE_WORDS = (
+    "january", "february", "march", "april", "may", "june", "july", "august", "september",
+    "october", "november", "december", "monday", "tuesday", "wednesday", "thursday",
+    "friday", "saturday", "sunday", "spring", "summer", "autumn", "winter", "early", "late",
+    "mid")
+_KINDS = (
+    ("date", re.compile(r"\b(when (did|was|were|is|does|do|will|had|has|are)|(what|which|in "
+                        r"what|in which) (year|date|day|month|decade|century|season))\b",
+                        re.IGNORECASE)),
+    ("number", re.compile(r"\b(how (many|much|long|old|far|big|large|tall|high|often|fast|"
+                          r"deep|wide)|(what|which) (percentage|percent|number|amount|"
+                          r"proportion|share|fraction|population))\b", re.IGNORECASE)),
+)
+
+
+def answer_kind(question: str) -> str | None:
+    """What the question asks for, where its words say so plainly: "date" ("When did…",
+    "In what year…"), "number" ("How many…", "What percentage…"), else None."""
+    for kind, pattern in _KINDS:
+        if pattern.search(question):
+            return kind
+    return None
+
+
 class GroundedLogitsProcessor(LogitsProcessor):
     """Masks every token that would leave the passages' spans.
 
     `prompt_len`: where the answer starts in each row of `input_ids`; `ends`: tokens that end
     the answer (end of sequence; the tuned model's " [" before its citation), allowed once a
-    span has begun and forced when no span can go on.
+    span has begun and forced when no span can go on. `first_bias`: (tokens, logits added)
+    applied to the answer's first token only (the question-echo penalty, the answer-kind
+    bias).
     """
 
     def __init__(self, index: SpanIndex, prompt_len: int, ends: Sequence[int],
-                 eos: set[int], echo: Sequence[int] = (), echo_penalty: float = 0.0) -> None:
+                 eos: set[int], first_bias: Sequence[tuple[Sequence[int], float]] = ()
+                 ) -> None:
         self.index = index
-        self.echo = torch.tensor(sorted(echo), dtype=torch.long)  # penalised first tokens
-        self.echo_penalty = echo_penalty
+        self.first_bias = [(torch.tensor(sorted(toks), dtype=torch.long), delta)
+                           for toks, delta in first_bias if delta and len(toks)]
         self.prompt_len = prompt_len
         self.ends = torch.tensor(sorted(set(ends) | eos), dtype=torch.long)
         self.brackets = set(ends) - eos
@@ -193,8 +242,9 @@ class GroundedLogitsProcessor(LogitsProcessor):
                 if not cont or self.index.at_word_end(generated):
                     allow = torch.cat([allow, self.ends])
             mask[row, allow] = 0.0
-            if not generated and self.echo_penalty and len(self.echo):
-                mask[row, self.echo] -= self.echo_penalty
+            if not generated:
+                for toks, delta in self.first_bias:
+                    mask[row, toks] += delta
         return scores + mask
 
 

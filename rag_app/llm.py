@@ -37,7 +37,13 @@ from rag_app.decoding import TextPieces, beam_search, decode_steps, logits_proce
 from rag_app.device import resolve_device, resolve_dtype
 from rag_app.errors import ModelLoadError
 from rag_app.gate import FairGate
-from rag_app.grounded import GroundedLogitsProcessor, Grounding, SpanIndex, bracket_tokens
+from rag_app.grounded import (
+    GroundedLogitsProcessor,
+    Grounding,
+    SpanIndex,
+    answer_kind,
+    bracket_tokens,
+)
 from rag_app.locate import resolve_model_ref
 from rag_app.prompt import Message
 from rag_app.settings import GenerationSettings, LLMSettings
@@ -138,7 +144,7 @@ class LocalLM:
         """
         enc = self.encode_chat(messages)
         prompt_len = int(enc["input_ids"].shape[1])
-        first = self._grounded(grounding, prompt_len, options.echo_penalty)
+        first = self._grounded(grounding, prompt_len, options)
         config = self._generation_config(options, stop, warp=not first)
         if options.seed is not None:
             set_seed(options.seed)
@@ -215,15 +221,20 @@ class LocalLM:
                          token_ids=ids.tolist())
 
     def _grounded(self, grounding: Grounding | None, prompt_len: int,
-                  echo_penalty: float) -> list[GroundedLogitsProcessor]:
+                  options: GenerationSettings) -> list[GroundedLogitsProcessor]:
         """The grounded mask for this prompt, or nothing (free answers)."""
         if grounding is None:
             return []
         index = SpanIndex(self.tokenizer, grounding.passages, grounding.extra)
-        echo = (index.echo_starts(self.tokenizer, grounding.question)
-                if echo_penalty and grounding.question else [])
+        bias: list[tuple[Sequence[int], float]] = []
+        if options.echo_penalty and grounding.question:
+            bias.append((index.echo_starts(self.tokenizer, grounding.question),
+                         -options.echo_penalty))
+        kind = answer_kind(grounding.question) if options.kind_bias else None
+        if kind:
+            bias.append((index.kind_starts(self.tokenizer, kind), options.kind_bias))
         return [GroundedLogitsProcessor(index, prompt_len, bracket_tokens(self.tokenizer),
-                                        self._eos_ids(), echo, echo_penalty)]
+                                        self._eos_ids(), bias)]
 
     def _stream_fast(self, enc: dict[str, torch.Tensor], options: GenerationSettings,
                      stop: Sequence[str] | None, started: float,

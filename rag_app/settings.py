@@ -135,6 +135,10 @@ class GenerationSettings(BaseModel):
         0.0, ge=0.0, description="Grounded answers: logits taken off beginning the answer "
         "with a word of the question (a small model tends to copy the question's topic, "
         "'Super Bowl 50', instead of answering it); 0 = off.")
+    kind_bias: float = Field(
+        0.0, ge=0.0, description="Grounded answers: logits added to beginning the answer "
+        "with a number or a date when the question plainly asks for one ('How many…', "
+        "'When did…', 'In what year…'); 0 = off.")
 
     @model_validator(mode="after")
     def _beams_without_sampling(self) -> GenerationSettings:

@@ -12,6 +12,7 @@ from rag_app.chain import FOLLOWS_NOT_FOUND, Turn
 from rag_app.grounded import (
     Grounding,
     SpanIndex,
+    answer_kind,
     locate_span,
     strip_end,
     to_sentence_end,
@@ -97,6 +98,30 @@ def test_echo_penalty_keeps_the_answer_from_starting_with_the_question(engines) 
     options = GenerationSettings(max_new_tokens=8, echo_penalty=1000.0)
     gen = lm.generate(messages, options, grounding=grounding)
     assert gen.text.strip() and not gen.text.strip().startswith(("Super", "Bowl", "50")), gen.text
+
+
+def test_kind_bias_starts_an_answer_with_what_the_question_asks_for(engines) -> None:
+    from langchain_core.documents import Document
+
+    assert answer_kind("When did Levi's Stadium open?") == "date"
+    assert answer_kind("Prior to this, in what year did San Francisco host it?") == "date"
+    assert answer_kind("How many teams have played eight times?") == "number"
+    assert answer_kind("Who won the game?") is None
+    assert answer_kind("What did the team do when it lost?") is None
+    lm = engines["fast"]
+    passages = ["Turner Construction built the stadium, which opened in August 2014 with "
+                "68,500 seats."]
+    index = SpanIndex(lm.tokenizer, passages)
+    dates = {lm.tokenizer.decode([t]).strip() for t in index.kind_starts(lm.tokenizer, "date")}
+    numbers = {lm.tokenizer.decode([t]).strip()
+               for t in index.kind_starts(lm.tokenizer, "number")}
+    assert {"Aug", "2", "6"} & dates and not dates & {"Turner", "stadium", "seats"}, dates
+    assert "6" in numbers and not numbers & {"Aug", "August", "Turner"}, numbers
+    question = "When did the stadium open?"
+    messages = build_messages(question, [Document(passages[0], metadata={"source": "a.txt"})])
+    options = GenerationSettings(max_new_tokens=8, kind_bias=1000.0)
+    gen = lm.generate(messages, options, grounding=Grounding(passages, [NOT_FOUND], question))
+    assert gen.text.strip().startswith(("Aug", "2")), gen.text
 
 
 def test_free_decoding_leaves_the_passages(engines) -> None:
