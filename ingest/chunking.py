@@ -2,7 +2,8 @@
 
 Sizes are counted with the embedding model's own tokenizer so that no chunk is silently
 truncated by the embedder. Blocks (pages, heading sections) are never merged, so a chunk
-never spans two pages or two sections.
+never spans two pages or two sections. A code block that fits in a chunk is never cut; a
+larger one is cut between its lines.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ SEPARATORS = ["\n\n", "\n", ". ", "? ", "! ", "; ", ", ", " ", ""]
 # BPE: at least one byte), plus at most one word-start marker (SentencePiece's "▁"): a piece
 # of at most N - 2 bytes is fewer than N tokens, whatever the embedder's tokenizer.
 MARKER_TOKENS = 2
+# Stand-ins for the line breaks of a code block while it is split: whitespace to the
+# tokenizers (no token more than a line break costs, for WordPiece none) but no separator
+# of the splitter, so it never cuts the block. The first not in the text is taken.
+_CODE_BREAKS = ("\u00a0", "\u2007", "\u202f", "\u2009", "\u200a")
 
 
 class LinearSplitter(RecursiveCharacterTextSplitter):
@@ -98,6 +103,7 @@ class Chunk:
     heading: str
     index: int
     page_end: int | None = None
+    page_label: str | None = None
 
 
 def embedding_text(title: str, heading: str, text: str) -> str:
@@ -119,10 +125,26 @@ def merge_short_pages(blocks: list[Block], count_tokens: Callable[[str], int],
                 and b.start_char == prev.start_char + len(prev.text) + 1
                 and count_tokens(prev.text) + count_tokens(b.text) <= size_tokens):
             out[-1] = Block(prev.text + "\n" + b.text, prev.start_char, prev.page,
-                            prev.heading, b.page_end or b.page)
+                            prev.heading, b.page_end or b.page, prev.page_label)
         else:
             out.append(b)
     return out
+
+
+def protect_code(block: Block, count_tokens: Callable[[str], int], size_tokens: int
+                 ) -> tuple[str, str | None]:
+    """The block's text with the line breaks of each code block that fits in a chunk
+    replaced by a stand-in (returned; None: nothing replaced), so the splitter keeps it
+    whole: it cuts at paragraphs, lines, sentences and words, and a block without line
+    breaks is one line. A code block larger than a chunk keeps its breaks, to be cut there."""
+    mark = next((c for c in _CODE_BREAKS if c not in block.text), None)
+    text, protected = block.text, False
+    for a, b in block.code:
+        code = text[a:b]
+        if mark is not None and "\n" in code and count_tokens(code) <= size_tokens:
+            text = text[:a] + code.replace("\n", mark) + text[b:]
+            protected = True
+    return text, mark if protected else None
 
 
 def locate(block: str, text: str, prev_start: int, prev_end: int) -> int:
@@ -160,10 +182,12 @@ def chunk_blocks(
         # Offsets are found here: the splitter's own add_start_index mixes token counts
         # with character offsets when the length function counts tokens.
         prev_start, prev_end = -1, 0
-        for text in splitter.split_text(block.text):
+        protected, mark = protect_code(block, count_tokens, size_tokens)
+        for piece in splitter.split_text(protected):
+            text = piece.replace(mark, "\n") if mark else piece
             local = locate(block.text, text, prev_start, prev_end)
             prev_start, prev_end = local, local + len(text)
             start = block.start_char + local
             chunks.append(Chunk(text, start, start + len(text), block.page, block.heading,
-                                len(chunks), block.page_end or block.page))
+                                len(chunks), block.page_end or block.page, block.page_label))
     return chunks

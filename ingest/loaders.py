@@ -1,20 +1,27 @@
 """One small loader per format, registered by suffix. Each turns bytes into blocks:
-stretches of text with a page number (PDF) and a heading path (Markdown, HTML, DOCX)."""
+stretches of text with a page number and its printed label (PDF), a heading path
+(Markdown, HTML, DOCX) and the spans of its code blocks (kept whole by the chunker)."""
 
 from __future__ import annotations
 
 import io
+import logging
 import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePath
+from typing import TYPE_CHECKING, Any
 
 import charset_normalizer
 
 from rag_app.errors import LoaderError
 from rag_app.settings import IngestionSettings
 
+if TYPE_CHECKING:
+    from pypdf import PdfReader
+
+log = logging.getLogger(__name__)
 MB = 1024 * 1024
 
 
@@ -25,6 +32,10 @@ class Block:
     page: int | None = None
     heading: str = ""
     page_end: int | None = None  # set when short pages were merged into one block
+    page_label: str | None = None  # the page's printed label (PDF /PageLabels): "iv", "25"
+    # (start, end) of each code block in `text`: the chunker cuts one only if it is
+    # larger than a chunk
+    code: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -67,6 +78,8 @@ def load_document(data: bytes, name: str, limits: IngestionSettings) -> LoadedDo
     if not any(b.text.strip() for b in doc.blocks):
         if suffix == ".pdf":
             raise LoaderError("no extractable text (a scanned PDF without a text layer?)")
+        if suffix in (".html", ".htm"):
+            raise LoaderError("no text found outside navigation, scripts and markup")
         raise LoaderError("no text found (empty file)")
     return doc
 
@@ -99,11 +112,17 @@ def _decode_legacy(data: bytes) -> str:
 # The closing `#`s and blanks are stripped after the match: `(.+?)[ \t#]*$` backtracks over
 # every blank for every character (minutes for one heading line of 100,000 spaces).
 _HEADING = re.compile(r"^(#{1,6})[ \t]+(.+)$", re.MULTILINE)
-_FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
+# A fence closes at a line of the same fence (at least as long), or the text's end.
+_FENCE = re.compile(r"""
+    ^[ ]{0,3}(?P<f>`{3,}|~{3,})[^\n]*     # the opening fence and its info string
+    (?:\n.*?)??                            # the code
+    (?:\n[ ]{0,3}(?P=f)[`~]*[ \t]*$|\Z)   # a closing fence at least as long, or the end
+    """, re.MULTILINE | re.DOTALL | re.VERBOSE)
 
 
 def markdown_blocks(text: str) -> list[Block]:
-    """Split Markdown at ATX headings (not inside code fences), keeping the heading path."""
+    """Split Markdown at ATX headings (not inside code fences), keeping the heading path
+    and the spans of the fenced code blocks."""
     fenced = [(m.start(), m.end()) for m in _FENCE.finditer(text)]
     heads = [m for m in _HEADING.finditer(text)
              if not any(a <= m.start() < b for a, b in fenced)]
@@ -119,7 +138,10 @@ def markdown_blocks(text: str) -> list[Block]:
             path = [(lvl, t) for lvl, t in path if lvl < level] + [(level, title)]
             start = m.end()  # the heading lives in the path, not in the chunk text
         if text[start:end].strip():
-            blocks.append(Block(text[start:end], start, heading=" > ".join(t for _, t in path)))
+            code = [(max(a, start) - start, min(b, end) - start) for a, b in fenced
+                    if a < end and b > start]
+            blocks.append(Block(text[start:end], start, heading=" > ".join(t for _, t in path),
+                                code=code))
     return blocks
 
 
@@ -151,13 +173,27 @@ def load_pdf(data: bytes, name: str, limits: IngestionSettings) -> LoadedDocumen
     if pages > limits.max_pdf_pages:
         raise LoaderError(f"{pages} pages, more than ingestion.max_pdf_pages="
                           f"{limits.max_pdf_pages}: not parsed")
+    labels = page_labels(reader, pages)
     blocks, offset = [], 0
     for number, page in enumerate(reader.pages, start=1):
         text = page.extract_text() or ""
-        blocks.append(Block(text, offset, page=number))
+        blocks.append(Block(text, offset, page=number, page_label=labels[number - 1]))
         offset += len(text) + 1
     title = (reader.metadata.title if reader.metadata else None) or PurePath(name).stem
     return LoadedDocument(str(title), blocks)
+
+
+def page_labels(reader: PdfReader, pages: int) -> list[str | None]:
+    """Each page's printed label ("iv", "25", "A-3") from the PDF's /PageLabels; None for
+    every page of a PDF without them (or with a broken tree: the pages still load)."""
+    if "/PageLabels" not in reader.trailer["/Root"]:
+        return [None] * pages
+    try:
+        labels = list(reader.page_labels)
+    except Exception as e:  # a malformed number tree; pypdf raises many types
+        log.warning("ignoring the PDF's page labels: %s: %s", type(e).__name__, e)
+        return [None] * pages
+    return [*labels, *[None] * pages][:pages]
 
 
 @register(".csv")
@@ -184,19 +220,9 @@ def load_csv(data: bytes, name: str, limits: IngestionSettings,
 
 @register(".html", ".htm")
 def load_html(data: bytes, name: str, limits: IngestionSettings) -> LoadedDocument:
-    from bs4 import BeautifulSoup
+    from ingest.html import html_blocks
 
-    soup = BeautifulSoup(data, "html.parser")
-    for tag in soup(["script", "style", "noscript", "nav", "header", "footer", "template"]):
-        tag.decompose()
-    title = soup.title.get_text(strip=True) if soup.title else ""
-    if soup.title:
-        soup.title.decompose()
-    for level in range(1, 7):  # headings become Markdown so one splitter keeps their path
-        for h in soup.find_all(f"h{level}"):
-            h.replace_with(f"\n\n{'#' * level} {h.get_text(' ', strip=True)}\n\n")
-    text = re.sub(r"\n\s*\n+", "\n\n", soup.get_text("\n")).strip()
-    blocks = markdown_blocks(text)
+    title, blocks = html_blocks(data)
     return LoadedDocument(title or _title_from(blocks, name), blocks)
 
 
@@ -214,16 +240,55 @@ def check_unpacked_size(data: bytes, limits: IngestionSettings) -> None:
 
 @register(".docx")
 def load_docx(data: bytes, name: str, limits: IngestionSettings) -> LoadedDocument:
+    """Paragraphs and tables in document order: "Heading N" styles are headings, runs of
+    code-styled paragraphs (or all-monospace ones) one code block, a table a line per row."""
     import docx
+    from docx.table import Table
 
     check_unpacked_size(data, limits)
     document = docx.Document(io.BytesIO(data))
-    lines = []
-    for p in document.paragraphs:
-        style = (p.style.name or "") if p.style is not None else ""
+    lines: list[str] = []
+    code: list[str] = []
+    for item in document.iter_inner_content():
+        if not isinstance(item, Table) and _is_code(item):
+            code.append(item.text)
+            continue
+        if code:  # a fence longer than any backtick run inside keeps the block whole
+            lines.append(_fenced("\n".join(code)))
+            code = []
+        if isinstance(item, Table):
+            lines.append("\n".join(" | ".join(_cell_text(c) for c in row.cells)
+                                   for row in item.rows))
+            continue
+        style = (item.style.name or "") if item.style is not None else ""
         level = style.removeprefix("Heading ").strip()
-        lines.append(f"{'#' * int(level)} {p.text}" if level.isdigit() and p.text.strip()
-                     else p.text)
+        lines.append(f"{'#' * int(level)} {item.text}" if level.isdigit() and item.text.strip()
+                     else item.text)
+    if code:
+        lines.append(_fenced("\n".join(code)))
     blocks = markdown_blocks("\n\n".join(lines))
     title = document.core_properties.title or _title_from(blocks, name)
     return LoadedDocument(title, blocks)
+
+
+_CODE_STYLES = ("code", "source", "preformatted", "verbatim", "macro")
+_MONOSPACE = ("courier", "consolas", "mono", "menlo", "monaco")
+
+
+def _is_code(paragraph: Any) -> bool:
+    style = ((paragraph.style.name or "") if paragraph.style is not None else "").lower()
+    if any(s in style for s in _CODE_STYLES):
+        return True
+    runs = [r for r in paragraph.runs if r.text.strip()]
+    return bool(runs) and all(any(m in (r.font.name or "").lower() for m in _MONOSPACE)
+                              for r in runs)
+
+
+def _cell_text(cell: Any) -> str:
+    return " ".join(cell.text.split())
+
+
+def _fenced(code: str) -> str:
+    longest = max((len(m) for m in re.findall(r"`+", code)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}\n{code}\n{fence}"

@@ -252,7 +252,8 @@ def chunk_rows(source: str, doc: LoadedDocument, digest: str,
     rows = [
         {
             "id": f"{source_id}-{c.index}", "text": c.text, "vector": None, "source": source,
-            "title": doc.title, "page": c.page, "page_end": c.page_end, "heading": c.heading,
+            "title": doc.title, "page": c.page, "page_end": c.page_end,
+            "page_label": c.page_label, "heading": c.heading,
             "chunk_index": c.index, "start_char": c.start_char, "end_char": c.end_char,
             "doc_hash": digest, "ingested_at": now, "embedding_model": embedding_model,
         }

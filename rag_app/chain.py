@@ -103,7 +103,8 @@ class RagAnswer:
 
 def source_json(n: int, doc: Document) -> dict[str, Any]:
     m = doc.metadata
-    return {"n": n, "source": m.get("source"), "page": m.get("page"), "text": doc.page_content,
+    return {"n": n, "source": m.get("source"), "page": m.get("page"),
+            "page_label": m.get("page_label"), "text": doc.page_content,
             "score": m.get("score"), "similarity": m.get("similarity"),
             "heading": m.get("heading"), "title": m.get("title"),
             "chunk_index": m.get("chunk_index")}

@@ -65,3 +65,13 @@ def match_sources(answer: str, question: str, texts: Sequence[str], cited: Seque
         if n not in cited and n not in matched:
             matched.append(n)
     return matched
+
+
+def page_reference(page: int | None, label: str | None = None) -> str:
+    """How a source's page is cited: "p. 25 (PDF page 29)" where the printed page label
+    differs from the physical page, else "p. 29"; "" without a page."""
+    if page is None:
+        return ""
+    if label and label != str(page):
+        return f"p. {label} (PDF page {page})"
+    return f"p. {page}"

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from rag_app.citations import page_reference
 from rag_app.errors import RagError
 from rag_app.eval_cli import eval_command
 from rag_app.factory import Services
@@ -189,7 +190,7 @@ def search(
     if not hits:
         _echo("No passage is relevant enough.")
     for h in hits:
-        page = f" p.{h['page']}" if h["page"] is not None else ""
+        page = _page(h)
         _secho(f"[{h['n']}] {h['source']}{page}  score={h['score']:.3f}", bold=True)
         _echo(h["text"].strip() + "\n")
 
@@ -245,12 +246,17 @@ def ask(
         _secho(f"(why: {out['refusal']})", dim=True, err=True)
     for s in out["sources"]:
         mark = "*" if s["n"] in out["cited"] else "~" if s["n"] in out["matched"] else " "
-        page = f" p.{s['page']}" if s["page"] is not None else ""
-        _echo(f"{mark}[{s['n']}] {s['source']}{page}  score={s['score']:.3f}")
+        _echo(f"{mark}[{s['n']}] {s['source']}{_page(s)}  score={s['score']:.3f}")
     t = out["timings"]
     _secho(f"{out['model']} on {out['device']}: retrieve {t['retrieve_ms']:.0f} ms, "
                 f"first token {t['first_token_ms']:.0f} ms, {t['tokens_per_s']:.1f} tok/s",
                 dim=True, err=True)
+
+
+def _page(source: dict[str, Any]) -> str:
+    """ " p. 25 (PDF page 29)": the printed page beside the physical one where they differ."""
+    ref = page_reference(source.get("page"), source.get("page_label"))
+    return f" {ref}" if ref else ""
 
 
 def _answer(settings: Settings, question: str, options: dict[str, Any]

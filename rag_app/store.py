@@ -39,6 +39,10 @@ _RESULT_COLUMNS = [
 # vector store). Tables made before it lack the column; they are read as they are and get
 # it on the first write that needs it.
 EXTRA_COLUMN = "metadata_json"
+# A PDF page's printed label ("25" on PDF page 29); as with EXTRA_COLUMN, older tables lack
+# it until a write brings one.
+LABEL_COLUMN = "page_label"
+_LATER_COLUMNS = (EXTRA_COLUMN, LABEL_COLUMN)
 
 
 def chunk_schema(dim: int, embedding_model: str) -> pa.Schema:
@@ -52,6 +56,7 @@ def chunk_schema(dim: int, embedding_model: str) -> pa.Schema:
             pa.field("title", pa.string()),
             pa.field("page", pa.int32()),
             pa.field("page_end", pa.int32()),
+            pa.field(LABEL_COLUMN, pa.string()),
             pa.field("heading", pa.string()),
             pa.field("chunk_index", pa.int32()),
             pa.field("start_char", pa.int64()),
@@ -223,6 +228,7 @@ class ChunkStore:
     @staticmethod
     def _merge(table: Any, documents: dict[str, Sequence[dict]]) -> None:
         rows = [row for doc_rows in documents.values() for row in doc_rows]
+        _add_missing_columns(table, rows)
         data = pa.Table.from_pylist(rows, schema=table.schema)
         sources = ", ".join(sql_string(s) for s in documents)
         (
@@ -240,8 +246,7 @@ class ChunkStore:
             return
         with self.writing(collection):
             table = self._create(collection)
-            if EXTRA_COLUMN not in table.schema.names and any(r.get(EXTRA_COLUMN) for r in rows):
-                table.add_columns(pa.field(EXTRA_COLUMN, pa.string()))  # an older table
+            _add_missing_columns(table, rows)
             data = pa.Table.from_pylist(list(rows), schema=table.schema)
             table.merge_insert("id").when_matched_update_all() \
                 .when_not_matched_insert_all().execute(data)
@@ -395,9 +400,17 @@ class ChunkStore:
 
 
 def _columns(table: Any) -> list[str]:
-    """The result columns `table` has (tables made before EXTRA_COLUMN lack it)."""
-    return [*_RESULT_COLUMNS, EXTRA_COLUMN] if EXTRA_COLUMN in table.schema.names \
-        else list(_RESULT_COLUMNS)
+    """The result columns `table` has (tables made before EXTRA_COLUMN or LABEL_COLUMN
+    lack them)."""
+    return [*_RESULT_COLUMNS, *(c for c in _LATER_COLUMNS if c in table.schema.names)]
+
+
+def _add_missing_columns(table: Any, rows: Sequence[dict]) -> None:
+    """Give an older table the later columns these rows fill (else their values would be
+    dropped)."""
+    for name in _LATER_COLUMNS:
+        if name not in table.schema.names and any(r.get(name) is not None for r in rows):
+            table.add_columns(pa.field(name, pa.string()))
 
 
 def _id_filter(ids: Iterable[str]) -> str:

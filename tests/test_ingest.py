@@ -457,3 +457,47 @@ def test_two_files_with_one_name_are_reported_not_merged(ingestor: Ingestor,
     assert sorted(r["status"] for r in twice["results"] if r["path"].endswith("same.md")
                   ) == ["ingested", "unchanged"]
     assert twice["failed"] == [] and _names(store)["same.md"] == 1
+
+
+def test_printed_page_labels_are_stored_searched_by_physical_page_and_cited(
+        services, store: ChunkStore, tmp_path: Path) -> None:
+    """amsldoc's PDF pages 2, 5 and 29 (printed ii, 1, 25), into a table made before the
+    page_label column: it reads as it is, gains the column on the write that brings a
+    label, and --page still filters by the physical page."""
+    import pyarrow as pa
+
+    from rag_app.chain import source_json
+    from rag_app.citations import page_reference
+    from rag_app.retriever import LanceRetriever
+    from rag_app.store import LABEL_COLUMN, chunk_schema
+    from ui.render import source_title
+
+    old = chunk_schema(store.dim, store.embedding_model)
+    store.db.create_table("c", schema=pa.schema(
+        [f for f in old if f.name != LABEL_COLUMN], metadata=old.metadata))
+    ingestor = Ingestor(services.embedder, store, services.settings.chunking)
+    ingestor.ingest(walk([DATA / "lancedb.md"]), "c")
+    assert LABEL_COLUMN not in store.db.open_table("c").schema.names  # nothing to add yet
+    pdf = Path(__file__).resolve().parent / "corpus" / "amsldoc-pages.pdf"
+    shutil.copyfile(pdf, tmp_path / "amsldoc.pdf")
+    report = ingestor.ingest(walk([tmp_path / "amsldoc.pdf"]), "c")
+    assert not report.failed
+    assert LABEL_COLUMN in store.db.open_table("c").schema.names
+    retriever = LanceRetriever(store=store, embedder=services.embedder, collection="c",
+                               settings=services.settings.retrieval, min_similarity=-1)
+    (doc,) = retriever.invoke("poor man's bold", page=3, k=1, mode="fulltext")
+    assert (doc.metadata["page"], doc.metadata["page_label"]) == (3, "25")
+    hit = source_json(1, doc)
+    assert page_reference(hit["page"], hit["page_label"]) == "p. 25 (PDF page 3)"
+    assert "p\\. 25 \\(PDF page 3\\)" in source_title(hit, cited=True)
+    (md,) = retriever.invoke("LanceDB", source=str((DATA / "lancedb.md").resolve()), k=1)
+    assert md.metadata["page_label"] is None  # written before the column existed
+
+
+def test_page_reference_shows_the_printed_label_only_where_it_differs() -> None:
+    from rag_app.citations import page_reference
+
+    assert page_reference(29, "25") == "p. 25 (PDF page 29)"
+    assert page_reference(4, "iv") == "p. iv (PDF page 4)"
+    assert page_reference(7, "7") == page_reference(7, None) == "p. 7"
+    assert page_reference(None, "3") == ""

@@ -1,4 +1,5 @@
 import io
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +132,176 @@ def test_text_without_separators_is_chunked_with_linear_work(services, kind: str
     assert all(b.start_char <= a.end_char for a, b in zip(chunks, chunks[1:], strict=False))
     assert len(chunks) > 5 and any(b.start_char < a.end_char
                                    for a, b in zip(chunks, chunks[1:], strict=False))
+
+
+# -- real documents (tests/corpus: Debian's python3.11-doc, git-doc, texlive-latex-base-doc;
+# rebuilt by `benchmarks/corpus.py --pdf --fixtures`) ----------------------------------------
+CORPUS = Path(__file__).resolve().parent / "corpus"
+
+
+def _load(name: str):
+    return load_document((CORPUS / name).read_bytes(), name, LIMITS)
+
+
+def _page_truth(name: str) -> dict:
+    """What the page's main content holds, read with bs4 directly: headings, pre blocks."""
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup((CORPUS / name).read_bytes(), "html.parser")
+    main = soup.select_one("[role=main]") or soup.select_one("#content")
+    for link in main.select(".headerlink"):
+        link.decompose()
+    return {"headings": {" ".join(h.get_text().split())
+                         for h in main.find_all(["h1", "h2", "h3", "h4", "h5", "h6"])},
+            "code": [p.get_text().strip("\n") for p in main.find_all("pre")]}
+
+
+@pytest.mark.parametrize("name", ["python-json.html", "python-collections.html",
+                                  "git-cat-file.html"])
+def test_real_html_keeps_main_content_real_headings_and_verbatim_code(name: str) -> None:
+    doc = _load(name)
+    truth = _page_truth(name)
+    text = "\n\n".join(b.text for b in doc.blocks)
+    # headings only from h1-h6: never a code comment ("# Tally occurrences ...")
+    parts = {p for b in doc.blocks for p in b.heading.split(" > ")}
+    assert parts <= truth["headings"] and len(parts) >= 5
+    # every code block whole and verbatim, and recorded as code on its block
+    assert truth["code"]
+    for code in truth["code"]:
+        (block,) = [b for b in doc.blocks if code in b.text][:1]
+        at = block.text.index(code)
+        assert (at, at + len(code)) in block.code
+    # the page's chrome is gone: Sphinx's sidebar, related bar and footer; asciidoc's footer
+    for chrome in ("Previous topic", "Next topic", "This Page", "Show Source", "Navigation",
+                   "Report a Bug", "Copyright", "Last updated", "index |", "¶"):
+        assert chrome not in text, chrome
+
+
+def test_sphinx_inline_code_keeps_its_spacing_and_tables_are_rows() -> None:
+    text = "\n\n".join(b.text for b in _load("python-json.html").blocks)
+    # was "(',\n\n',\n\n':\n\n')": each <span class="pre"> on a line of its own
+    assert "The default is (', ', ': ') if indent is None and (',', ': ') otherwise." in text
+    assert "\nobject | dict\narray | list\n" in text
+    doc = _load("python-collections.html")
+    assert doc.title == "collections — Container datatypes — Python 3.11.2 documentation"
+    assert "deque | list-like container with fast appends and pops on either end" in \
+        doc.blocks[0].text
+
+
+def test_a_code_block_that_fits_is_never_cut_and_a_larger_one_only_between_lines(
+        services) -> None:
+    count = services.embedder.count_tokens
+    blocks = _load("python-collections.html").blocks
+    chunks = chunk_blocks(blocks, count, 128, 24)
+    codes = [(b, a, z) for b in blocks for a, z in b.code]
+    fits = [b.text[a:z] for b, a, z in codes if count(b.text[a:z]) <= 128]
+    assert len(fits) > 20 and len(fits) < len(codes)  # both kinds on this page
+    for code in fits:
+        assert any(code in c.text for c in chunks), code[:60]
+    for block, a, z in codes:
+        code = block.text[a:z]
+        if count(code) <= 128:
+            continue
+        # a larger one: each chunk's part of it starts and ends at a line's ends (a chunk's
+        # first line without its indent: chunks are stripped)
+        start, end = block.start_char + a, block.start_char + z
+        parts = [(max(c.start_char, start) - start, min(c.end_char, end) - start)
+                 for c in chunks if c.start_char < end and c.end_char > start]
+        assert len(parts) >= 2
+        for x, y in parts:
+            assert x == 0 or code[:x].rstrip(" \t")[-1:] == "\n", code[x:x + 40]
+            assert y == len(code) or code[y] == "\n", code[y - 40:y]
+    for c in chunks:
+        assert count(c.text) <= 128
+
+
+def test_markdown_code_fence_is_kept_whole_by_the_chunker(services) -> None:
+    # blank lines inside: the splitter's first cut, were the block not protected
+    code = "```python\n" + "\n\n".join(f"# step {i}\nvalue_{i} = compute({i})"
+                                        for i in range(8)) + "\n```"
+    text = "# Guide\n\n" + "Some words of prose here. " * 30 + "\n" + code + "\n\nAfter it.\n"
+    blocks = markdown_blocks(text)
+    assert [b.heading for b in blocks] == ["Guide"]
+    count = services.embedder.count_tokens
+    assert count(code) < 128
+    chunks = chunk_blocks(blocks, count, 128, 16)
+    assert len(chunks) >= 2 and any(code in c.text for c in chunks)
+    for c in chunks:
+        assert text[c.start_char:c.end_char] == c.text
+
+
+def test_docx_code_paragraphs_become_one_block_and_tables_rows() -> None:
+    import docx
+
+    d = docx.Document()
+    d.add_heading("Setup", level=1)
+    d.add_paragraph("Run this:")
+    d.add_paragraph("# install it", style="macro")
+    d.add_paragraph("pip install rag-app", style="macro")
+    mono = d.add_paragraph().add_run("rag ingest data/")
+    mono.font.name = "Courier New"
+    table = d.add_table(rows=2, cols=2)
+    for (r, c), value in {(0, 0): "flag", (0, 1): "meaning", (1, 0): "--page",
+                          (1, 1): "physical page"}.items():
+        table.cell(r, c).text = value
+    d.add_paragraph("Done.")
+    buf = io.BytesIO()
+    d.save(buf)
+    doc = load_document(buf.getvalue(), "setup.docx", LIMITS)
+    assert [b.heading for b in doc.blocks] == ["Setup"]  # "# install it" is code
+    (block,) = doc.blocks
+    (span,) = block.code
+    assert block.text[span[0]:span[1]] == \
+        "```\n# install it\npip install rag-app\nrag ingest data/\n```"
+    assert "flag | meaning\n--page | physical page\n\nDone." in block.text
+
+
+def test_pdf_printed_page_labels_beside_physical_pages() -> None:
+    doc = _load("amsldoc-pages.pdf")  # amsldoc's PDF pages 2, 5 and 29
+    assert [(b.page, b.page_label) for b in doc.blocks] == [(1, "ii"), (2, "1"), (3, "25")]
+    assert "poor man’s bold" in doc.blocks[2].text
+
+
+def test_pdf_without_page_labels_and_two_columns_in_reading_order() -> None:
+    (page,) = _load("tugboat-babelbib-p1.pdf").blocks  # a TUGboat article: two columns
+    assert page.page == 1 and page.page_label is None
+    order = ["1 Introduction", "This is unsatisfactory", "The package babelbib provides",
+             "2 Multilingual bibliographies", "2.1 Available packages"]
+    at = [page.text.index(s) for s in order]
+    assert at == sorted(at)
+
+
+@pytest.mark.parametrize("labels", ["a number tree without numbers", "not a dictionary"])
+def test_a_pdf_with_broken_page_labels_still_loads(pdf_bytes, labels: str) -> None:
+    from pypdf import PdfReader, PdfWriter
+    from pypdf.generic import (
+        ArrayObject,
+        DictionaryObject,
+        NameObject,
+        NumberObject,
+        TextStringObject,
+    )
+
+    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(pdf_bytes(["only page"]))))
+    writer._root_object[NameObject("/PageLabels")] = NumberObject(7) if labels == \
+        "not a dictionary" else DictionaryObject(
+            {NameObject("/Nums"): ArrayObject([TextStringObject("x")])})
+    buf = io.BytesIO()
+    writer.write(buf)
+    (page,) = load_document(buf.getvalue(), "broken-labels.pdf", LIMITS).blocks
+    assert (page.page, page.text.strip()) == (1, "only page")
+    assert page.page_label in (None, "1")  # pypdf's default label, or none
+
+
+@pytest.mark.parametrize(("html", "expected"), [
+    (b"<html><body><div><p>unclosed <b>bold <pre>code\n  x", ["unclosed bold\n\ncode\n  x"]),
+    (b"<div>" * 20_000 + b"deep text" + b"</div>" * 20_000, ["deep text"]),
+])
+def test_malformed_html_loads_what_it_can(html: bytes, expected: list[str]) -> None:
+    assert [b.text for b in load_document(html, "bad.html", LIMITS).blocks] == expected
+
+
+def test_html_of_navigation_only_says_so() -> None:
+    with pytest.raises(LoaderError, match="no text found outside navigation"):
+        load_document(b"<nav><a href='/'>Home</a></nav><script>x()</script>", "n.html",
+                      LIMITS)

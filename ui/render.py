@@ -9,6 +9,8 @@ from typing import Any
 
 import streamlit as st
 
+from rag_app.citations import page_reference
+
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:=^])")
 _STOP = {"the", "and", "for", "are", "was", "what", "which", "how", "does", "with", "that",
          "this", "from", "have", "has", "who", "when", "where", "why", "many", "much", "into"}
@@ -77,7 +79,8 @@ def copied(text: str, spans: list[dict[str, Any]]) -> str:
 def source_title(s: dict[str, Any], cited: bool, matched: bool = False,
                  grounded: bool = False) -> str:
     name = escape_markdown(PurePath(str(s["source"])).name)
-    page = f", p. {s['page']}" if s.get("page") is not None else ""
+    ref = page_reference(s.get("page"), s.get("page_label"))
+    page = f", {escape_markdown(ref)}" if ref else ""  # a label is the PDF's text
     mark = ("the answer is copied from here" if grounded else "cited" if cited
             else "matched to the answer" if matched else "retrieved")
     similarity = s.get("similarity")
