@@ -393,6 +393,9 @@ def tune(
     val_examples: Annotated[int, typer.Option("--val-examples", min=0,
                                               help="Held-out examples.")] = 200,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1)] = 10,
+    max_mb: Annotated[Optional[float], typer.Option(  # noqa: UP045
+        "--max-mb", min=0.1, help="Shrink the saved adapter to this many MB (bfloat16, "
+        "each update's truncated SVD).")] = None,
     eval_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         "--eval", help="Also answer this BEIR QA set with the base model and the adapter.")]
     = None,
@@ -408,7 +411,8 @@ def tune(
                        threads=threads, seed=seed, resume=resume, accumulate=accumulate,
                        lr=lr, max_tokens=max_tokens, words=tuple(words),
                        distractors=tuple(distractors),
-                       val_examples=val_examples, checkpoint_every=checkpoint_every)
+                       val_examples=val_examples, checkpoint_every=checkpoint_every,
+                       max_mb=max_mb)
     try:
         settings = _settings()
         report = run_tune(settings, opts)

@@ -21,6 +21,7 @@ from rag_app.device import resolve_device
 from rag_app.settings import Settings
 from rag_app.tune_checkpoint import load_checkpoint, restore, save_checkpoint
 from rag_app.tune_data import IGNORE, Encoded, ExampleSet, encode_fitting, load_pool, split
+from rag_app.tune_shrink import shrink_adapter
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class TuneOptions:
     distractors: tuple[int, int] = (2, 3)  # passages without the answer beside the gold one
     checkpoint_every: int = 10
     val_examples: int = 200
+    max_mb: float | None = None  # shrink the saved adapter to this size (tune_shrink)
     lora_b_std: float = 0.0  # > 0: LoRA B starts random (tests: a change from step 0)
     progress: bool = True
 
@@ -185,6 +187,10 @@ def tune(settings: Settings, opts: TuneOptions) -> TuneReport:
     report = _train_loop(model, tokenizer, train_set, optimizer, scheduler, state, opts,
                          device)
     model.save_pretrained(opts.out)
+    if opts.max_mb:
+        shrunk = shrink_adapter(opts.out, opts.out, int(opts.max_mb * 1e6))
+        log.info("adapter shrunk to %.1f MB, keeping %.1f%% of its update",
+                 shrunk.bytes_after / 1e6, 100 * shrunk.kept_energy)
     report.val_loss_before = state["val_loss_before"]
     if not report.interrupted:
         report.val_loss_after = validation_loss(model, tokenizer, val, opts, device)

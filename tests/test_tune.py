@@ -22,6 +22,7 @@ from rag_app.prompt import NOT_FOUND, SYSTEM, build_messages
 from rag_app.settings import Settings
 from rag_app.tune import TuneOptions, load_base, tune
 from rag_app.tune_data import IGNORE, clean_text, encode, load_pool, split
+from rag_app.tune_shrink import shrink_adapter
 
 WORDS = ["amber", "basalt", "cedar", "dune", "ember", "fjord", "glacier", "harbor", "islet",
          "jungle", "knoll", "lagoon", "mesa", "nectar", "orchard", "prairie", "quarry", "ridge",
@@ -151,6 +152,31 @@ def test_adapter_merged_into_the_fast_decoder_changes_logits_like_peft(
     # the fast decoder's change is the adapter's: its own int4 error on the base logits
     # (about 0.14 on average, whatever the adapter) cancels out of the difference
     assert (fast_change - change).abs().mean() < 0.5 * change.abs().mean()
+
+
+def test_a_shrunk_adapter_fits_its_budget_and_peft_loads_its_ranks(base, adapter: Path,
+                                                                   tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    folder, _ = base
+    full = load_file(adapter / "adapter_model.safetensors")
+    budget = sum(t.numel() for t in full.values()) * 2 // 2  # half the bf16 bytes
+    report = shrink_adapter(adapter, tmp_path, budget)
+    assert report.bytes_after <= budget < report.bytes_before
+    assert 1 <= min(report.ranks.values()) < max(report.ranks.values()) <= report.rank_before
+
+    def updates(ref: Path) -> dict[str, torch.Tensor]:
+        plain = dict(_model(folder).named_parameters())
+        merged = PeftModel.from_pretrained(_model(folder), ref).merge_and_unload()
+        return {n: p.detach() - plain[n].detach() for n, p in merged.named_parameters()
+                if n.endswith("proj.weight")}
+
+    exact, shrunk = updates(adapter), updates(tmp_path)
+    error = sum(float(((exact[n] - shrunk[n]) ** 2).sum()) for n in exact)
+    energy = sum(float((exact[n] ** 2).sum()) for n in exact)
+    assert energy > 0 and 0.3 < report.kept_energy < 0.99
+    # what is lost is what the truncated singular values held (bf16 rounding aside)
+    assert error / energy == pytest.approx(1 - report.kept_energy, abs=0.02)
 
 
 def _one_line(e: pytest.ExceptionInfo) -> str:
