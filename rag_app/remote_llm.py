@@ -84,8 +84,10 @@ class RemoteLM:
 
 def request_options(options: GenerationSettings) -> dict[str, Any]:
     """The OpenAI request fields for `options` (greedy = temperature 0; top_p only when
-    sampling, where it means something)."""
-    out: dict[str, Any] = {"max_tokens": options.max_new_tokens,
+    sampling, where it means something). The answer's length goes as `max_tokens`, the
+    field every OpenAI-compatible server reads: ChatOpenAI would rename it to the newer
+    `max_completion_tokens`, which llama-cpp-python's server (0.3) silently ignores."""
+    out: dict[str, Any] = {"extra_body": {"max_tokens": options.max_new_tokens},
                            "temperature": options.temperature if options.do_sample else 0.0}
     if options.do_sample and options.top_p < 1.0:
         out["top_p"] = options.top_p
