@@ -220,3 +220,27 @@ def test_llama_cpp_server_answers_with_sources_streaming_and_refusals(
     assert seeded[0] == seeded[1]
     refused = services.chain().answer("What is the capital of Mongolia's national team?")
     assert refused.refusal == NO_PASSAGE
+
+
+@pytest.mark.slow
+def test_the_ui_answers_through_the_model_server(demo_index: Services, env: pytest.MonkeyPatch,
+                                                 rag_llm_server: ModelServer) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    for name, value in (("PROVIDER", "openai"), ("BASE_URL", rag_llm_server.url),
+                        ("MODEL", "llm"), ("API_KEY", KEY)):
+        env.setenv(f"RAG_LLM__{name}", value)
+    app = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "ui" / "app.py"),
+                            default_timeout=600)
+    app.run()
+    strategy = next(r for r in app.sidebar.radio if r.label == "Strategy")
+    assert list(strategy.options) == ["greedy", "sampling"]  # no beam search for a server
+    before = rag_llm_server.answered()
+    app.chat_input[0].set_value(QUESTION).run()
+    assert not app.exception and not app.error
+    assert rag_llm_server.answered() == before + 1
+    assert app.session_state["messages"][-1]["answer"]["answer"]
+    port = rag_llm_server.url.rsplit(":", 1)[1].split("/")[0]
+    assert any("OpenAI" in c.value and port in c.value for c in app.caption)  # the server
+    app.switch_page("views/lab.py").run()
+    assert not app.exception and any("local model" in i.value for i in app.info)
