@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from langchain_core.documents import Document
 from langchain_core.messages import AIMessageChunk
@@ -39,6 +39,11 @@ from rag_app.prompt import (
 )
 from rag_app.retriever import LanceRetriever
 from rag_app.settings import CitationSettings, GenerationSettings
+
+if TYPE_CHECKING:
+    from rag_app.remote_llm import RemoteChatModel
+
+    ChatModel = LocalChatModel | RemoteChatModel
 
 RETRIEVAL_KEYS = ("k", "mode", "min_similarity", "mmr", "mmr_lambda", "fetch_k", "rerank",
                   "source", "page", "collection")
@@ -113,7 +118,7 @@ def source_json(n: int, doc: Document) -> dict[str, Any]:
 class RagChain:
     """Retriever + prompt + chat model, with the prompt fitted to the model's context."""
 
-    def __init__(self, retriever: LanceRetriever, chat_model: Callable[[], LocalChatModel],
+    def __init__(self, retriever: LanceRetriever, chat_model: Callable[[], ChatModel],
                  generation: GenerationSettings, citations: CitationSettings,
                  model_name: str = "") -> None:
         """`chat_model` is called on first need: a question that retrieves nothing, or an
@@ -143,7 +148,8 @@ class RagChain:
         return docs
 
     @cached_property
-    def chat_model(self) -> LocalChatModel:
+    def chat_model(self) -> ChatModel:
+        """The local LM's chat model, or a model server's (llm.provider)."""
         return self._chat_model()
 
     def _fit(self, x: dict[str, Any]) -> list[Document]:

@@ -27,6 +27,10 @@ class ModelLoadError(RagError):
     """The causal LM or embedder could not be loaded."""
 
 
+class ModelServerError(RagError):
+    """The model server of llm.provider = openai cannot be reached, or failed a request."""
+
+
 class LoaderError(RagError):
     """A file could not be read or parsed (reported per file, the batch goes on)."""
 

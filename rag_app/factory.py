@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
+from rag_app.errors import SettingsError
 from rag_app.settings import Settings
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from rag_app.chat_model import LocalChatModel
     from rag_app.embeddings import Embedder
     from rag_app.llm import LocalLM
+    from rag_app.remote_llm import RemoteChatModel
     from rag_app.retriever import LanceRetriever
     from rag_app.store import ChunkStore
     from rag_app.vectorstore import LanceVectorStore
@@ -50,12 +52,25 @@ class Services:
 
     @cached_property
     def lm(self) -> LocalLM:
+        """The local causal LM (llm.provider = local; a model server has none here)."""
+        if self.settings.llm.provider != "local":
+            raise SettingsError(f"llm.provider = {self.settings.llm.provider}: the answers "
+                                "come from the model server at llm.base_url, and no local "
+                                "model is loaded (set llm.provider = local for this)")
         from rag_app.llm import LocalLM
 
         return LocalLM(self.settings.llm)
 
     @cached_property
-    def chat_model(self) -> LocalChatModel:
+    def chat_model(self) -> LocalChatModel | RemoteChatModel:
+        """The generator of llm.provider: the local LM, or a model server through
+        langchain-openai (which is imported only then)."""
+        llm = self.settings.llm
+        if llm.provider == "openai":
+            from rag_app.remote_llm import RemoteChatModel, RemoteLM, build_client
+
+            return RemoteChatModel(lm=RemoteLM(llm), client=build_client(llm),
+                                   generation=self.settings.generation)
         from rag_app.chat_model import LocalChatModel
 
         return LocalChatModel(lm=self.lm, generation=self.settings.generation)

@@ -48,3 +48,11 @@ class FairGate:
             yield
         finally:
             self.leave(ticket)
+
+
+class OpenGate(FairGate):
+    """Every request is admitted at once: for a model server, which schedules (and, like
+    vLLM, batches) concurrent requests itself; a queue here would only serialise them."""
+
+    def wait(self, ticket: object, timeout: float | None = None) -> int:
+        return 0

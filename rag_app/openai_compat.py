@@ -161,6 +161,9 @@ def extras(answer: RagAnswer) -> dict[str, Any]:
 
 
 def finish_reason(answer: RagAnswer, max_new_tokens: int) -> str:
+    given = answer.metadata.get("finish_reason")  # a model server's own
+    if given in ("stop", "length"):
+        return given
     return "length" if len(answer.metadata.get("tokens", [])) >= max_new_tokens else "stop"
 
 

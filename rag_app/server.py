@@ -10,7 +10,6 @@ loop stays free. Loopback by default; with `serve.token` every route but /health
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -25,6 +24,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from rag_app.bare import BARE_MODEL, bare_completion
+from rag_app.bare import sse as _sse
 from rag_app.chain import RagAnswer, Waiting, source_json
 from rag_app.chat_model import generation_options
 from rag_app.errors import EmptyIndexError, RagError, SettingsError, StoreBusyError
@@ -162,10 +163,12 @@ def health() -> dict[str, str]:
 
 @router.get("/v1/models", tags=["openai"])
 def models(request: Request) -> dict[str, Any]:
-    """`rag` answers from the default collection; `rag:NAME` from collection NAME."""
+    """`rag` answers from the default collection; `rag:NAME` from collection NAME; `llm` is
+    the model that writes the answers, without retrieval."""
     services = _ready(request, "store")
     default = services.settings.collection
     names = [MODEL] + [f"{MODEL}:{c}" for c in services.store.collections() if c != default]
+    names.append(BARE_MODEL)
     return {"object": "list", "data": [
         {"id": n, "object": "model", "created": 0, "owned_by": "rag_app",
          "llm": services.settings.llm.model} for n in names]}
@@ -177,12 +180,17 @@ async def chat_completions(body: ChatRequest, request: Request
     """The last user message answered from the documents; `stream: true` sends server-sent
     events in OpenAI's chunk format, ending with `data: [DONE]`. Beside the message:
     `sources` (the numbered passages) and `rag` (the answer as `rag ask --json` prints
-    it). Unsupported OpenAI fields (n > 1, tools, logprobs, ...) are refused with 400."""
+    it). Unsupported OpenAI fields (n > 1, tools, logprobs, ...) are refused with 400.
+    Model `llm`: the messages answered by the model alone, without retrieval."""
     services: Services = request.app.state.services
     body.refuse_unsupported()
-    question, history = conversation(body.messages)
     options = body.options()
     max_new = generation_options(services.settings.generation, options).max_new_tokens
+    if body.model == BARE_MODEL:
+        await run_in_threadpool(_ready, request, "chat_model")
+        model = services.chat_model
+        return await bare_completion(body, model, model.lm.gate, max_new)
+    question, history = conversation(body.messages)
     await run_in_threadpool(_ready, request, "store", "chat_model")
     chain = services.chain(body.collection_name())
     events = Pump(lambda: chain.stream_events(question, history, **options))
@@ -202,10 +210,6 @@ async def chat_completions(body: ChatRequest, request: Request
     return StreamingResponse(_chunks(events, first, reply, max_new),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _sse(obj: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
 
 async def _chunks(events: Pump, first: Any, reply: Reply, max_new: int

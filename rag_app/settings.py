@@ -37,6 +37,7 @@ MAX_DEPTH = 64  # ingestion.max_depth: folders nested deeper are reported, not w
 COLLECTION_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 MAX_COLLECTION_CHARS = 128
 MAX_PAGE = 2**31 - 1  # page numbers are stored as int32
+REMOTE_CONTEXT = 2048  # llm.context_length of a model server when unset (llama.cpp's n_ctx)
 log = logging.getLogger(__name__)
 
 
@@ -122,11 +123,13 @@ class GenerationSettings(BaseModel):
                              description="Random seed for sampling (None = random).")
     stop_on_repeat: int = Field(
         20, ge=0, description="Stop when the answer's last N tokens already occurred in it "
-        "(a small model's loop); 0 = off.")
+        "(a small model's loop); 0 = off. The local model's only: a model server "
+        "(llm.provider = openai) stops by its own rules.")
     answer_mode: Literal["grounded", "free"] = Field(
         "grounded", description="grounded = the model may only copy one span of a retrieved "
         "passage (or reply 'not found'), cited exactly; free = it writes freely and cites "
-        "[n] itself.")
+        "[n] itself. Grounded needs the local model (it constrains every decoding step): "
+        "with llm.provider = openai the default is free and grounded is refused.")
     min_span_prob: float = Field(
         0.0, ge=0.0, le=1.0, description="Grounded answers: a copied span whose mean token "
         "probability under the model is below this is not trusted, and the reply is "
@@ -188,9 +191,67 @@ class LLMSettings(BaseModel):
         f"adapter shipped for the bundled model ({BUNDLED_ADAPTER}) when llm.model is it, "
         "else none.")
 
+    provider: Literal["local", "openai"] = Field(
+        "local", description="Who writes the answers: local = llm.model loaded in this "
+        "process; openai = an OpenAI-compatible server at llm.base_url (Ollama, vLLM, "
+        "llama.cpp's server, ...) serving the model named llm.model. Local by default: "
+        "nothing leaves this machine unless this is set.")
+    base_url: str | None = Field(
+        None, description="llm.provider = openai: the server's API root, up to /v1 (e.g. "
+        "http://127.0.0.1:11434/v1 for Ollama, http://127.0.0.1:8000/v1 for vLLM, "
+        "http://127.0.0.1:8080/v1 for llama.cpp's llama-server). The question and the "
+        "retrieved passages are sent there.")
+    api_key: SecretStr | None = Field(
+        None, description="llm.provider = openai: the server's key, sent as `Authorization: "
+        "Bearer KEY` (None: a placeholder, for servers that need none). Set it through "
+        "RAG_LLM__API_KEY or a config file; it is never logged or shown. OPENAI_API_KEY is "
+        "not read.")
+    context_length: int | None = Field(
+        None, ge=256, le=10_000_000, description="llm.provider = openai: the served model's "
+        f"context window in tokens (prompt + answer), to fit the sources (None = "
+        f"{REMOTE_CONTEXT}, the default of llama.cpp's server). The local model's comes "
+        "from its config.")
+    timeout_s: float = Field(
+        120, gt=0, le=86_400, allow_inf_nan=False, description="llm.provider = openai: "
+        "longest wait for the server's next reply (connect, first token, each read).")
+    max_retries: int = Field(
+        1, ge=0, le=10, description="llm.provider = openai: retries of a request that fails "
+        "before any answer arrives (connection refused, 429, 5xx).")
+
+    @model_validator(mode="after")
+    def _provider(self) -> LLMSettings:
+        if self.provider == "local":
+            for name in ("base_url", "api_key", "context_length"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"llm.{name} is for llm.provider = openai; set "
+                                     "llm.provider = openai (RAG_LLM__PROVIDER) to use a model "
+                                     "server, or leave it unset")
+            return self
+        if self.base_url is None:
+            raise ValueError("llm.provider = openai needs llm.base_url (RAG_LLM__BASE_URL), "
+                             "e.g. http://127.0.0.1:11434/v1 for Ollama")
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", self.base_url):
+            raise ValueError(f"llm.base_url = {self.base_url!r} is not an http:// or https:// "
+                             "URL")
+        local_only = {"engine": "auto", "kernels": "auto", "quantization": "none",
+                      "dtype": "auto"}
+        for name, off in local_only.items():
+            if getattr(self, name) != off:
+                raise ValueError(f"llm.{name} = {getattr(self, name)!r} is for llm.provider "
+                                 "= local (the model server decodes); leave it unset")
+        if self.adapter not in (None, "auto") and self.adapter.lower() not in ("", "none"):
+            raise ValueError("llm.adapter is merged into a local model's weights: load the "
+                             "adapter on the model server instead, and leave llm.adapter unset")
+        if self.model == BUNDLED_LLM:
+            raise ValueError("llm.provider = openai: set llm.model (RAG_LLM__MODEL) to the "
+                             "name the server serves the model under (e.g. llama3.2 for "
+                             "Ollama; GET BASE_URL/models lists them)")
+        return self
+
     def adapter_ref(self) -> str | None:
         """The adapter to load, with `auto` and `none` resolved."""
-        if self.adapter is None or self.adapter.lower() in ("", "none"):
+        if self.provider != "local" or self.adapter is None or self.adapter.lower() in (
+                "", "none"):
             return None
         if self.adapter == "auto":
             return BUNDLED_ADAPTER if self.model == BUNDLED_LLM else None
@@ -262,6 +323,41 @@ class IndexSettings(BaseModel):
     nprobes: int = Field(40, ge=1, description="IVF partitions searched per query.")
     refine_factor: int = Field(
         5, ge=1, description="Candidates re-scored with exact vectors: k × refine_factor.")
+
+
+# What the OpenAI chat API can ask of a model server: temperature (0 = greedy), top_p,
+# seed, max_tokens (and stop). The other decoding settings, with the value meaning "off".
+REMOTE_UNSUPPORTED: dict[str, tuple[object, str]] = {
+    "num_beams": (1, "beam search"),
+    "repetition_penalty": (1.0, "a repetition penalty"),
+    "top_k": (0, "top-k sampling"),
+    "min_span_prob": (0.0, "token probabilities (grounded answers)"),
+    "echo_penalty": (0.0, "logit penalties (grounded answers)"),
+    "answer_mode": ("free", "grounded answers (the model copies a passage span: every "
+                            "decoding step is constrained, which a model server cannot do)"),
+}
+
+
+def remote_decoding_problem(g: GenerationSettings, given: set[str] | frozenset[str]
+                            ) -> str | None:
+    """Why decoding options `g` cannot be asked of an OpenAI-compatible server, or None.
+
+    `given`: the options set explicitly (by the settings or the request). An option the
+    API cannot carry is refused when it is on. top_k's default (50) and answer_mode's
+    (grounded) are the local model's: they are refused only when given, and a server
+    samples with its own top-k (none, for most). stop_on_repeat, the local decoder's guard
+    against loops, is not a request option: a server stops by its own rules."""
+    for name, (off, what) in REMOTE_UNSUPPORTED.items():
+        value = getattr(g, name)
+        if value == off or (name not in given and name in ("top_k", "answer_mode")):
+            continue
+        if name == "top_k" and not g.do_sample:
+            continue  # greedy: top-k changes nothing
+        env = f"RAG_GENERATION__{name.upper()}"
+        return (f"generation.{name} = {value!r} ({env}): {what} is not supported by "
+                f"llm.provider = openai (the OpenAI chat API carries temperature, top_p, seed "
+                f"and max_tokens only); set it to {off!r}, or use llm.provider = local")
+    return None
 
 
 def collection_problem(name: str) -> str | None:
@@ -362,6 +458,20 @@ class Settings(BaseSettings):
     index: IndexSettings = Field(default_factory=IndexSettings)
     ui: UISettings = Field(default_factory=UISettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+
+    @model_validator(mode="after")
+    def _generator_supports_decoding(self) -> Settings:
+        """A model server (llm.provider = openai) does only what the OpenAI API can ask of
+        it: an option it cannot honour is refused here, naming it, never dropped."""
+        if self.llm.provider == "local":
+            return self
+        g = self.generation
+        problem = remote_decoding_problem(g, g.model_fields_set)
+        if problem:
+            raise ValueError(problem)
+        if g.answer_mode == "grounded":  # the default (an explicit one is refused above)
+            self.generation = g.model_copy(update={"answer_mode": "free"})
+        return self
 
     @field_validator("collection")
     @classmethod

@@ -5,11 +5,7 @@ client and httpx. One server for the module, so the LLM loads once."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 from openai import BadRequestError, OpenAI
+from servers import RAG, ROOT, clean_env, start, stop
 
 from ingest.pipeline import Ingestor, walk
 from rag_app.factory import Services
 
-RAG = str(Path(sys.executable).with_name("rag"))
-ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
 TOKEN = "tok-Zq81-never-in-the-log"
 QUESTION = "How many tokens are in the GPT-2 vocabulary?"
@@ -47,46 +42,6 @@ def _auth(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _clean_env() -> dict[str, str]:
-    """This environment without RAG_* settings, importing this checkout's packages."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAG_")}
-    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
-                                                             env.get("PYTHONPATH")]))}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with log.open("w") as out:
-        proc = subprocess.Popen([RAG, "serve", "--port", str(port)], stdout=out,
-                                stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 300  # a generous bound on start-up, not a measurement
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"rag serve exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.3)
-    proc.kill()
-    pytest.fail(f"rag serve did not answer /health:\n{log.read_text()}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 @pytest.fixture(scope="module")
 def base_env(services: Services, cache_dir: Path, tmp_path_factory) -> dict[str, str]:
     """A database with two demo notes (ingested here with the session's embedder)."""
@@ -96,7 +51,7 @@ def base_env(services: Services, cache_dir: Path, tmp_path_factory) -> dict[str,
     report = Ingestor(s.embedder, s.store, s.settings.chunking).ingest(
         walk([DATA / "bpe-tokenization.md", DATA / "lancedb.md"]), "default")
     assert not report.failed
-    return {**_clean_env(), "RAG_DB_URI": db, "RAG_LLM__CACHE_DIR": str(cache_dir),
+    return {**clean_env(), "RAG_DB_URI": db, "RAG_LLM__CACHE_DIR": str(cache_dir),
             "RAG_GENERATION__MAX_NEW_TOKENS": "48", "RAG_UI__MAX_UPLOAD_MB": "1",
             "HF_HUB_OFFLINE": "1"}
 
@@ -105,9 +60,9 @@ def base_env(services: Services, cache_dir: Path, tmp_path_factory) -> dict[str,
 def server(base_env: dict[str, str], tmp_path_factory) -> Iterator[Server]:
     env = {**base_env, "RAG_SERVE__TOKEN": TOKEN}
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
-    proc, url = _start(env, log)
+    proc, url = start(env, log)
     yield Server(url, log, env)
-    _stop(proc)
+    stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +87,21 @@ def test_only_health_is_open_without_the_token(server: Server) -> None:
 @pytest.mark.slow
 def test_models_list_through_the_openai_client(client: OpenAI) -> None:
     ids = [m.id for m in client.models.list()]
-    assert ids == ["rag"]
+    assert ids == ["rag", "llm"]
+
+
+@pytest.mark.slow
+def test_model_llm_is_the_bare_generator_without_retrieval(client: OpenAI) -> None:
+    c = client.chat.completions.create(model="llm", max_tokens=6, temperature=0, messages=[
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a colour."}])
+    assert c.model == "llm" and c.choices[0].message.content
+    assert 0 < c.usage.completion_tokens <= 6
+    assert c.choices[0].finish_reason in ("stop", "length")
+    assert "sources" not in (c.model_extra or {}) and "rag" not in (c.model_extra or {})
+    with pytest.raises(BadRequestError, match="without retrieval"):
+        client.chat.completions.create(model="llm", extra_body={"k": 2}, messages=[
+            {"role": "user", "content": "Name a colour."}])
 
 
 @pytest.mark.slow
@@ -316,7 +285,7 @@ def test_cli_asks_and_searches_through_the_server(server: Server, tmp_path: Path
 
 @pytest.mark.slow
 def test_without_a_token_only_this_machines_names_are_answered(base_env, tmp_path) -> None:
-    proc, url = _start(dict(base_env), tmp_path / "open.log")
+    proc, url = start(dict(base_env), tmp_path / "open.log")
     try:
         assert httpx.get(url + "/v1/documents", timeout=120).status_code == 200
         for headers in ({"Host": "rebound.example"}, {"Origin": "http://rebound.example"}):
@@ -325,7 +294,7 @@ def test_without_a_token_only_this_machines_names_are_answered(base_env, tmp_pat
         assert httpx.get(url + "/v1/documents", headers={"Host": "localhost"},
                          timeout=120).status_code == 200
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 @pytest.mark.slow
@@ -337,9 +306,9 @@ def test_the_token_is_never_logged(server: Server) -> None:
     assert TOKEN not in log and "wrong-token" not in log
 
 
-def test_beyond_loopback_without_a_token_refuses_to_start(tmp_path: Path) -> None:
+def test_beyond_loopback_without_a_token_refuses_tostart(tmp_path: Path) -> None:
     r = subprocess.run([RAG, "serve", "--host", "0.0.0.0"], capture_output=True, text=True,
-                       timeout=120, env={**_clean_env(), "RAG_DB_URI": str(tmp_path / "db")})
+                       timeout=120, env={**clean_env(), "RAG_DB_URI": str(tmp_path / "db")})
     assert r.returncode == 2
     assert "serve.token" in r.stderr and "RAG_SERVE__TOKEN" in r.stderr
     assert "Traceback" not in r.stderr

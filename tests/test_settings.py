@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from rag_app.errors import SettingsError
-from rag_app.settings import load_settings
+from rag_app.settings import BUNDLED_LLM, load_settings
 
 
 def test_env_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -175,3 +175,52 @@ def test_unknown_rag_variables_are_warned_about_with_the_closest_name(
         "mean RAG_INGESTION__PARSE_TIMEOUT_S?",
         "unknown environment variable RAG_RETRIEVAL__KK sets no setting; did you mean "
         "RAG_RETRIEVAL__K?"]
+
+
+SERVER = {"provider": "openai", "base_url": "http://127.0.0.1:11434/v1", "model": "llama3.2"}
+
+
+def test_the_generator_is_local_unless_a_model_server_is_named(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    local = load_settings()
+    assert (local.llm.provider, local.generation.answer_mode) == ("local", "grounded")
+    for name, value in (("PROVIDER", "openai"), ("BASE_URL", SERVER["base_url"]),
+                        ("MODEL", "llama3.2"), ("API_KEY", "sk-env-Hq2")):
+        monkeypatch.setenv(f"RAG_LLM__{name}", value)
+    s = load_settings()
+    assert (s.llm.provider, s.llm.base_url, s.llm.model) == ("openai", SERVER["base_url"],
+                                                              "llama3.2")
+    assert s.llm.api_key.get_secret_value() == "sk-env-Hq2"
+    assert "sk-env-Hq2" not in repr(s) + s.model_dump_json()
+    # grounded answers need the local model: the default becomes free with a server
+    assert s.generation.answer_mode == "free"
+
+
+@pytest.mark.parametrize(("llm", "generation", "message"), [
+    ({"provider": "openai"}, {}, r"needs llm\.base_url \(RAG_LLM__BASE_URL\)"),
+    ({**SERVER, "base_url": "localhost:11434"}, {}, r"llm\.base_url = 'localhost:11434' is "
+                                                    "not an http"),
+    ({**SERVER, "model": BUNDLED_LLM}, {}, r"set llm\.model \(RAG_LLM__MODEL\)"),
+    ({"base_url": SERVER["base_url"]}, {}, r"llm\.base_url is for llm\.provider = openai"),
+    ({"api_key": "sk-x"}, {}, r"llm\.api_key is for llm\.provider = openai"),
+    ({**SERVER, "engine": "fast"}, {}, r"llm\.engine = 'fast' is for llm\.provider = local"),
+    ({**SERVER, "adapter": "/some/lora"}, {}, r"llm\.adapter is merged into a local model"),
+    (SERVER, {"num_beams": 4}, r"generation\.num_beams = 4 \(RAG_GENERATION__NUM_BEAMS\): "
+                               "beam search is not supported by llm.provider = openai"),
+    (SERVER, {"repetition_penalty": 1.2}, r"generation\.repetition_penalty = 1\.2"),
+    (SERVER, {"do_sample": True, "top_k": 40}, r"generation\.top_k = 40"),
+    (SERVER, {"answer_mode": "grounded"}, r"generation\.answer_mode = 'grounded'"),
+    (SERVER, {"echo_penalty": 2.0}, r"generation\.echo_penalty = 2\.0"),
+])
+def test_a_model_server_setting_that_cannot_work_fails_at_start_naming_it(
+        llm: dict, generation: dict, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        load_settings(llm=llm, generation=generation)
+
+
+def test_a_model_server_takes_the_options_the_openai_api_carries() -> None:
+    s = load_settings(llm=SERVER, generation={"do_sample": True, "temperature": 0.4,
+                                              "top_p": 0.9, "seed": 1, "max_new_tokens": 99})
+    assert (s.generation.temperature, s.generation.top_p, s.generation.seed) == (0.4, 0.9, 1)
+    # the local model's defaults that a server does not apply are not refused
+    assert (s.generation.top_k, s.generation.stop_on_repeat) == (50, 20)

@@ -119,9 +119,10 @@ def answer_caption(answer: dict[str, Any]) -> None:
         return
     waited = t.get("queue_ms", 0) >= 50  # another session's generation came first
     queued = f"waited {t['queue_ms'] / 1000:.1f} s for the model · " if waited else ""
+    where = (f"on {answer.get('device')} ({escape_markdown(str(answer.get('dtype')))})"
+             if answer.get("dtype") else f"· {escape_markdown(str(answer.get('engine')))}")
     st.caption(
-        f"{escape_markdown(str(answer.get('model')))} on {answer.get('device')} "
-        f"({escape_markdown(str(answer.get('dtype')))}) · "
+        f"{escape_markdown(str(answer.get('model')))} {where} · "
         f"retrieval {t['retrieve_ms']:.0f} ms · {queued}first token "
         f"{t['first_token_ms']:.0f} ms · {t['tokens_per_s']:.1f} tokens/s")
 

@@ -44,13 +44,16 @@ def render(services: Services) -> None:
             "to enable reranking.")
         st.subheader("Decoding")
         g = s.generation
-        strategy = st.radio("Strategy", ["greedy", "sampling", "beam search"], horizontal=True,
-                            help="Greedy is reproducible; sampling varies; beams are not streamed.")
+        local = s.llm.provider == "local"  # a model server takes no beams, no top-k
+        strategy = st.radio("Strategy", ["greedy", "sampling", "beam search"][:3 if local else 2],
+                            horizontal=True, help="Greedy is reproducible; sampling varies; "
+                            "beams are not streamed.")
         opts["do_sample"] = strategy == "sampling"
         opts["num_beams"] = st.slider("Beams", 2, 8, 4) if strategy == "beam search" else 1
         if strategy == "sampling":
             opts["temperature"] = st.slider("Temperature", 0.05, 2.0, g.temperature, 0.05)
-            opts["top_k"] = st.slider("Top-k (0 = off)", 0, 200, g.top_k)
+            if local:
+                opts["top_k"] = st.slider("Top-k (0 = off)", 0, 200, g.top_k)
             opts["top_p"] = st.slider("Top-p", 0.05, 1.0, g.top_p, 0.05)
             seed = st.number_input("Seed (-1 = random)", -1, 2**31 - 1, g.seed or -1)
             opts["seed"] = None if seed < 0 else int(seed)

@@ -29,9 +29,11 @@ def _config_file() -> Path | None:
 
 
 @st.cache_resource(show_spinner=False)
-def _services(settings_json: str) -> Services:
-    """One Services (one embedder, one LLM) per process and settings, shared by sessions."""
-    return Services(Settings.model_validate_json(settings_json))
+def _services(settings_json: str, _settings: Settings) -> Services:
+    """One Services (one embedder, one LLM) per process and settings, shared by sessions.
+    Keyed by the settings' JSON, built from the settings themselves: the JSON hides the
+    secrets (llm.api_key), and a round trip through it would lose which options were set."""
+    return Services(_settings)
 
 
 def settings() -> Settings:
@@ -44,7 +46,8 @@ def settings() -> Settings:
 
 
 def services() -> Services:
-    return _services(settings().model_dump_json())
+    current = settings()
+    return _services(current.model_dump_json(), current)
 
 
 def messages() -> list[dict[str, Any]]:

@@ -16,9 +16,11 @@ history = state.messages()
 
 st.title("Ask your documents")
 try:
-    with st.spinner("Loading the local model (the first start converts it once)…"):
+    with st.spinner("Loading the model (the first start converts a local one once)…"):
         # An assignment, not a bare expression: Streamlit's "magic" would render the object.
-        _model = services.lm  # loaded once per process, before the first question
+        # The local LM is loaded once per process, before the first question; a model
+        # server's client costs nothing.
+        _model = services.chat_model
 except RagError as e:
     st.error(str(e))
     st.stop()

@@ -13,6 +13,10 @@ from ui import render, sidebar, state
 services = state.services()
 sidebar.render(services)
 st.title("GPT lab")
+if services.settings.llm.provider != "local":
+    st.info("The GPT lab looks inside a local model; the answers come from the model server "
+            f"at {services.chat_model.lm.url} (llm.provider = openai).")
+    st.stop()
 with st.spinner("Loading the model…"):
     lm = services.lm
 st.caption(f"Look inside the local decoder-only model that writes the answers "
