@@ -25,6 +25,7 @@ from rag_app.grounded import (
     Span,
     locate_span,
     strip_end,
+    support,
     to_sentence_end,
     with_expansion,
 )
@@ -62,6 +63,7 @@ class Waiting:
 NO_PASSAGE = "no passage of your documents is relevant enough to the question"
 NO_ANSWER = "the model found no answer in the passages"
 LOW_CONFIDENCE = "the passage the model copied from is an unlikely answer"
+UNSUPPORTED = "the sentence the model copied from is not about what the question asks"
 FOLLOWS_NOT_FOUND = "it follows a question whose answer is not in your documents"
 
 
@@ -245,7 +247,7 @@ class RagChain:
         if not called:
             out.refusal = FOLLOWS_NOT_FOUND if orphan else NO_PASSAGE
         elif options_now.answer_mode == "grounded":
-            self._ground(out, options_now.min_span_prob)
+            self._ground(out, options_now)
         else:
             out.cited = parse_citations(out.answer, len(docs))
             out.matched = self._match(out.answer, query, docs, out.cited)
@@ -254,9 +256,10 @@ class RagChain:
         yield out
 
     @staticmethod
-    def _ground(out: RagAnswer, min_prob: float) -> None:
+    def _ground(out: RagAnswer, options: GenerationSettings) -> None:
         """A grounded answer: locate the copied span and cite its source, or refuse when the
-        model chose the "not found" reply or its span is too unlikely."""
+        model chose the "not found" reply, its span is too unlikely or its sentence is not
+        about the question."""
         text = strip_end(out.answer)
         probs = [t["prob"] for t in out.metadata.get("tokens", [])
                  if t["text"].strip() not in ("[", "")]
@@ -264,17 +267,21 @@ class RagChain:
         span = locate_span(text, [d.page_content for d in out.sources])
         if text == NOT_FOUND or span is None:
             out.answer, out.found, out.refusal = NOT_FOUND, False, NO_ANSWER
-        elif out.confidence is not None and out.confidence < min_prob:
+            return
+        if out.confidence is not None and out.confidence < options.min_span_prob:
             out.answer, out.found, out.refusal = NOT_FOUND, False, LOW_CONFIDENCE
-        else:
-            source = out.sources[span.n - 1].page_content
-            # "RRF" -> "reciprocal rank fusion (RRF)"
-            span = with_expansion(span, source, out.question)
-            if asks_two_things(out.question):
-                span = to_sentence_end(span, source)
-            text = " ".join(span.text.split())
-            out.spans, out.cited = [span], [span.n]
-            out.answer = f"{text} [{span.n}]"
+            return
+        source = out.sources[span.n - 1].page_content
+        # "RRF" -> "reciprocal rank fusion (RRF)"
+        span = with_expansion(span, source, out.question)
+        if asks_two_things(out.question):
+            span = to_sentence_end(span, source)
+        held = support(span, source, out.query)
+        if held is not None and held < options.min_support:
+            out.answer, out.found, out.refusal = NOT_FOUND, False, UNSUPPORTED
+            return
+        out.spans, out.cited = [span], [span.n]
+        out.answer = f"{' '.join(span.text.split())} [{span.n}]"
 
     def answer(self, question: str, history: Sequence[str | Turn] = (), **options: Any
                ) -> RagAnswer:

@@ -274,6 +274,35 @@ def to_sentence_end(span: Span, text: str, limit: int = 300) -> Span:
     return Span(span.n, span.start, end, text[span.start:end])
 
 
+def sentence_of(span: Span, text: str) -> str:
+    """The sentence(s) of `text` (the span's source text) the copied span lies in."""
+    start = max((m.end() for m in _SENTENCE_END.finditer(text, 0, span.start)), default=0)
+    m = _SENTENCE_END.search(text, span.end)
+    return text[start:m.end() if m else len(text)]
+
+
+def _stem(word: str) -> str:
+    """A crude English stem, enough to match "played" with "play", "forms" with "formed"."""
+    for suffix in ("ing", "ed", "es", "s", "ly"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[:-len(suffix)]
+    return word
+
+
+def support(span: Span, text: str, question: str) -> float | None:
+    """How much the sentence a span was copied from is about the question: the share of
+    the question's content words (other than the answer's own) that it holds, compared by
+    stem. An answer copied from a sentence about something else (0.0: "Cam Newton" for a
+    question whose answer the documents lack) is most likely not an answer. None: the
+    question has no such word."""
+    asked = {_stem(w) for w in content_words(question)} - {
+        _stem(w) for w in content_words(span.text)}
+    if not asked:
+        return None
+    held = {_stem(w) for w in content_words(sentence_of(span, text))}
+    return len(asked & held) / len(asked)
+
+
 _ACRONYM = re.compile(r"[A-Z][A-Za-z]?[A-Z]{1,5}s?")
 
 

@@ -134,6 +134,11 @@ class GenerationSettings(BaseModel):
         0.0, ge=0.0, le=1.0, description="Grounded answers: a copied span whose mean token "
         "probability under the model is below this is not trusted, and the reply is "
         "'not found' (0 = off).")
+    min_support: float = Field(
+        0.25, ge=0.0, le=1.0, description="Grounded answers: the share of the question's "
+        "content words (other than the answer's) that the sentence the answer was copied "
+        "from must hold; below it the reply is 'not found' (the sentence is about something "
+        "else: the documents most likely lack the answer); 0 = off.")
     echo_penalty: float = Field(
         0.0, ge=0.0, description="Grounded answers: logits taken off beginning the answer "
         "with a word of the question (a small model tends to copy the question's topic, "
@@ -333,6 +338,7 @@ REMOTE_UNSUPPORTED: dict[str, tuple[object, str]] = {
     "top_k": (0, "top-k sampling"),
     "min_span_prob": (0.0, "token probabilities (grounded answers)"),
     "echo_penalty": (0.0, "logit penalties (grounded answers)"),
+    "kind_bias": (0.0, "logit biases (grounded answers)"),
     "answer_mode": ("free", "grounded answers (the model copies a passage span: every "
                             "decoding step is constrained, which a model server cannot do)"),
 }

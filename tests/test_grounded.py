@@ -8,13 +8,15 @@ import random
 
 import pytest
 
-from rag_app.chain import FOLLOWS_NOT_FOUND, Turn
+from rag_app.chain import FOLLOWS_NOT_FOUND, UNSUPPORTED, Turn
 from rag_app.grounded import (
     Grounding,
     SpanIndex,
     answer_kind,
     locate_span,
+    sentence_of,
     strip_end,
+    support,
     to_sentence_end,
     with_expansion,
 )
@@ -134,7 +136,7 @@ def test_free_decoding_leaves_the_passages(engines) -> None:
 
 def test_a_grounded_answer_cites_the_passage_that_holds_it(demo_index, demo_questions) -> None:
     chain = demo_index.chain()
-    for q in demo_questions[:3]:
+    for q in (demo_questions[0], demo_questions[2], demo_questions[3]):  # ones it answers
         out = chain.answer(q["question"], answer_mode="grounded")
         assert out.found, out.answer
         (span,) = out.spans
@@ -151,6 +153,35 @@ def test_a_follow_up_of_a_question_not_found_is_not_found(demo_index) -> None:
     follow = chain.answer("and how tall is it in feet?", [Turn(first.query, first.found)])
     assert not follow.found and follow.answer == NOT_FOUND
     assert follow.refusal == FOLLOWS_NOT_FOUND
+
+
+def test_support_is_how_much_the_copied_sentence_is_about_the_question() -> None:
+    text = ("Super Bowl 50 was played at Levi's Stadium. Cam Newton was named the MVP of "
+            "the season. The coin toss was won by Carolina.")
+    span = locate_span("Cam Newton", [text])
+    assert span is not None and sentence_of(span, text).strip() == (
+        "Cam Newton was named the MVP of the season.")
+    assert support(span, text, "Who was the season's MVP?") == 1.0
+    assert support(span, text, "Who was named MVP of the seasons?") == 1.0  # by stem
+    assert support(span, text, "Who won the coin toss?") == 0.0
+    assert support(span, text, "Who is Cam Newton?") is None  # nothing asked beyond it
+
+
+def test_an_answer_from_a_sentence_about_something_else_is_refused(demo_index,
+                                                                   demo_questions) -> None:
+    chain = demo_index.chain()
+    for q in demo_questions:  # the first answer whose sentence misses a word of the question
+        out = chain.answer(q["question"], answer_mode="grounded", min_support=0.0)
+        if out.found:
+            (span,) = out.spans
+            held = support(span, out.sources[span.n - 1].page_content, out.query)
+            if held is not None and held < 1.0:
+                break
+    else:
+        pytest.fail("every answer's sentence holds all of its question's words")
+    # the same greedy answer, with the bar just above its sentence's support
+    strict = chain.answer(q["question"], answer_mode="grounded", min_support=held + 0.01)
+    assert not strict.found and strict.answer == NOT_FOUND and strict.refusal == UNSUPPORTED
 
 
 def test_locate_span_gives_offsets_in_the_source_text() -> None:
