@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+
+from rag_app import child_server
+from rag_app.errors import ModelServerError
 
 ROOT = Path(__file__).resolve().parents[1]
 RAG = [sys.executable, "-m", "rag_app.cli"]
@@ -41,27 +43,6 @@ def _run(env: dict[str, str], *args: str) -> str:
     if r.returncode != 0:
         sys.exit(f"rag {' '.join(args)} failed ({r.returncode}):\n{r.stderr}")
     return r.stdout
-
-
-def _start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    with log.open("w") as out:
-        proc = subprocess.Popen([*RAG, "serve", "--port", str(port)], env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600  # a bound on start-up, so a hung server ends the run
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"rag serve exited:\n{log.read_text()}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    sys.exit(f"rag serve did not answer /health in 600 s:\n{log.read_text()}")
 
 
 def _first_token_s(url: str, question: str) -> float:
@@ -92,7 +73,11 @@ def main() -> None:
         rows: dict[str, list[float]] = {}
         rows["`rag ask` (new process: loads the embedder and the LLM)"] = [
             _timed(lambda i=i: _run(env, "ask", ask(i), "--json")) for i in range(args.runs)]
-        proc, url = _start_server(env, Path(tmp) / "server.log")
+        try:
+            proc, url = child_server.start([*RAG, "serve", "--port"], env,
+                                           Path(tmp) / "server.log", timeout_s=600)
+        except ModelServerError as e:
+            sys.exit(str(e))
         try:
             timings: list[dict[str, float]] = []
 
@@ -111,8 +96,7 @@ def main() -> None:
                 _timed(lambda i=i: _run(remote, "ask", ask(i + 1), "--json"))
                 for i in range(args.runs)]
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            child_server.stop(proc)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"max_new_tokens={args.max_new_tokens}, median of {args.runs} runs\n")
     print("| path | seconds |\n|---|---:|")

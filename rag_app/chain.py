@@ -63,7 +63,7 @@ class Waiting:
 NO_PASSAGE = "no passage of your documents is relevant enough to the question"
 NO_ANSWER = "the model found no answer in the passages"
 LOW_CONFIDENCE = "the passage the model copied from is an unlikely answer"
-UNSUPPORTED = "the sentence the model copied from is not about what the question asks"
+UNSUPPORTED = "the sentences the model copied from are not about what the question asks"
 FOLLOWS_NOT_FOUND = "it follows a question whose answer is not in your documents"
 
 

@@ -274,11 +274,15 @@ def to_sentence_end(span: Span, text: str, limit: int = 300) -> Span:
     return Span(span.n, span.start, end, text[span.start:end])
 
 
-def sentence_of(span: Span, text: str) -> str:
-    """The sentence(s) of `text` (the span's source text) the copied span lies in."""
-    start = max((m.end() for m in _SENTENCE_END.finditer(text, 0, span.start)), default=0)
-    m = _SENTENCE_END.search(text, span.end)
-    return text[start:m.end() if m else len(text)]
+def sentence_of(span: Span, text: str, before: int = 0, after: int = 0) -> str:
+    """The sentence(s) of `text` (the span's source text) the copied span lies in, with
+    `before` sentences before them and `after` after."""
+    starts = [0, *(m.end() for m in _SENTENCE_END.finditer(text))]
+    first = max(i for i, s in enumerate(starts) if s <= span.start)
+    last = max(i for i, s in enumerate(starts) if s < max(span.end, span.start + 1))
+    lo = starts[max(0, first - before)]
+    hi = starts[last + 1 + after] if last + 1 + after < len(starts) else len(text)
+    return text[lo:hi]
 
 
 def _stem(word: str) -> str:
@@ -290,16 +294,18 @@ def _stem(word: str) -> str:
 
 
 def support(span: Span, text: str, question: str) -> float | None:
-    """How much the sentence a span was copied from is about the question: the share of
-    the question's content words (other than the answer's own) that it holds, compared by
-    stem. An answer copied from a sentence about something else (0.0: "Cam Newton" for a
-    question whose answer the documents lack) is most likely not an answer. None: the
-    question has no such word."""
+    """How much the place a span was copied from is about the question: the share of the
+    question's content words (other than the answer's own) that its sentence holds, with
+    the two sentences before it and the one after (where "the game" names what an earlier
+    sentence called "Super Bowl 50"), compared by stem. An answer copied from sentences
+    about something else is most likely not an answer: measured on SQuAD, the unanswerable
+    questions' copies hold few of their words (benchmarks/answers.py). None: the question
+    has no such word."""
     asked = {_stem(w) for w in content_words(question)} - {
         _stem(w) for w in content_words(span.text)}
     if not asked:
         return None
-    held = {_stem(w) for w in content_words(sentence_of(span, text))}
+    held = {_stem(w) for w in content_words(sentence_of(span, text, before=2, after=1))}
     return len(asked & held) / len(asked)
 
 

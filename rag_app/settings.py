@@ -135,16 +135,16 @@ class GenerationSettings(BaseModel):
         "probability under the model is below this is not trusted, and the reply is "
         "'not found' (0 = off).")
     min_support: float = Field(
-        0.25, ge=0.0, le=1.0, description="Grounded answers: the share of the question's "
-        "content words (other than the answer's) that the sentence the answer was copied "
-        "from must hold; below it the reply is 'not found' (the sentence is about something "
+        0.35, ge=0.0, le=1.0, description="Grounded answers: the share of the question's "
+        "content words (other than the answer's) that the sentences around the copied "
+        "answer must hold; below it the reply is 'not found' (they are about something "
         "else: the documents most likely lack the answer); 0 = off.")
     echo_penalty: float = Field(
         0.0, ge=0.0, description="Grounded answers: logits taken off beginning the answer "
         "with a word of the question (a small model tends to copy the question's topic, "
         "'Super Bowl 50', instead of answering it); 0 = off.")
     kind_bias: float = Field(
-        0.0, ge=0.0, description="Grounded answers: logits added to beginning the answer "
+        3.0, ge=0.0, description="Grounded answers: logits added to beginning the answer "
         "with a number or a date when the question plainly asks for one ('How many…', "
         "'When did…', 'In what year…'); 0 = off.")
 
@@ -344,18 +344,22 @@ REMOTE_UNSUPPORTED: dict[str, tuple[object, str]] = {
 }
 
 
+# Of those, the ones the local model uses by default: refused for a server only when given.
+ON_BY_DEFAULT = ("top_k", "answer_mode", "kind_bias")
+
+
 def remote_decoding_problem(g: GenerationSettings, given: set[str] | frozenset[str]
                             ) -> str | None:
     """Why decoding options `g` cannot be asked of an OpenAI-compatible server, or None.
 
     `given`: the options set explicitly (by the settings or the request). An option the
-    API cannot carry is refused when it is on. top_k's default (50) and answer_mode's
-    (grounded) are the local model's: they are refused only when given, and a server
+    API cannot carry is refused when it is on. top_k's default (50), answer_mode's
+    (grounded) and kind_bias's are the local model's: they are refused only when given, and a server
     samples with its own top-k (none, for most). stop_on_repeat, the local decoder's guard
     against loops, is not a request option: a server stops by its own rules."""
     for name, (off, what) in REMOTE_UNSUPPORTED.items():
         value = getattr(g, name)
-        if value == off or (name not in given and name in ("top_k", "answer_mode")):
+        if value == off or (name not in given and name in ON_BY_DEFAULT):
             continue
         if name == "top_k" and not g.do_sample:
             continue  # greedy: top-k changes nothing

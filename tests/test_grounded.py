@@ -155,15 +155,20 @@ def test_a_follow_up_of_a_question_not_found_is_not_found(demo_index) -> None:
     assert follow.refusal == FOLLOWS_NOT_FOUND
 
 
-def test_support_is_how_much_the_copied_sentence_is_about_the_question() -> None:
-    text = ("Super Bowl 50 was played at Levi's Stadium. Cam Newton was named the MVP of "
-            "the season. The coin toss was won by Carolina.")
+def test_support_is_how_much_the_copied_sentences_are_about_the_question() -> None:
+    text = ("Carolina won the coin toss. Denver kicked off. The game was played in rain. "
+            "Cam Newton was named the MVP of the season. Fans left early. Nobody stayed.")
     span = locate_span("Cam Newton", [text])
-    assert span is not None and sentence_of(span, text).strip() == (
-        "Cam Newton was named the MVP of the season.")
+    assert span is not None
+    assert sentence_of(span, text).strip() == "Cam Newton was named the MVP of the season."
+    assert sentence_of(span, text, before=2, after=1).strip() == (
+        "Denver kicked off. The game was played in rain. Cam Newton was named the MVP of "
+        "the season. Fans left early.")
     assert support(span, text, "Who was the season's MVP?") == 1.0
     assert support(span, text, "Who was named MVP of the seasons?") == 1.0  # by stem
-    assert support(span, text, "Who won the coin toss?") == 0.0
+    assert support(span, text, "Who was MVP of the game Denver kicked off?") == 1.0
+    assert support(span, text, "Who won the coin toss?") == 0.0  # three sentences away
+    assert support(span, text, "Who was MVP when fans stayed?") == pytest.approx(2 / 3)
     assert support(span, text, "Who is Cam Newton?") is None  # nothing asked beyond it
 
 
