@@ -58,4 +58,4 @@ TUNE_UNTIL ?= 80
 tune: install
 	$(BIN)/rag tune $(TUNE_OUT) --data $(TUNE_DATA) --steps 115 --until $(TUNE_UNTIL) \
 	  --accumulate 4 --lr 2e-4 --words 40 60 --max-tokens 384 --val-examples 100 \
-	  --checkpoint-every 10 --threads 1 --seed 0
+	  --checkpoint-every 10 --threads 1 --seed 0 --max-mb 4.8
