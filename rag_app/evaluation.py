@@ -154,6 +154,8 @@ def run_eval(services: Services, dataset_dir: Path, limit: int | None, mode: str
         ranking = metrics.collapse_to_passages(
             str(d.metadata["source"]).removesuffix(SUFFIX) for d in docs)
         runs.append((ranking, ds.qrels[str(q["_id"])]))
+    ranks = {str(q["_id"]): metrics.first_rank(r, qrels, 10)
+             for q, (r, qrels) in zip(queries, runs, strict=True)}
 
     answers, answer_s, details = None, [], []
     qa = [q for q in queries if q.get("answers")] + refusable
@@ -166,6 +168,7 @@ def run_eval(services: Services, dataset_dir: Path, limit: int | None, mode: str
         "dataset": ds.name, "collection": collection, "mode": mode, "k": k,
         "passages": len(ds.corpus), "queries": len(queries),
         "retrieval": metrics.retrieval_metrics(runs) if runs else None,
+        "ranks": ranks,  # query id -> rank of its first relevant passage (None: not in 10)
         "answers": answers,
         "timings": {
             "ingest_s": index["ingest_s"], "ingest_cached": index["cached"],

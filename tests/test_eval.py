@@ -72,7 +72,9 @@ def test_run_eval_scores_retrieval_and_caches_the_index(dataset: Path,
     assert out["collection"] == collection_name("subset", eval_services)
     assert out["collection"].startswith("eval_subset_") and len(out["collection"]) == 20
     assert out["answers"] is None and out["ingest_failed"] == 0  # the empty one is skipped
-    assert set(out["retrieval"]) == {"ndcg@10", "recall@1", "recall@5", "recall@10", "mrr@10"}
+    assert set(out["retrieval"]) == {"ndcg@10", "recall@1", "recall@5", "recall@10", "mrr@10",
+                                     "hit@1", "hit@4"}
+    assert set(out["ranks"]) == {"q1", "q2", "q3"}
     assert all(0.0 <= v <= 1.0 for v in out["retrieval"].values())
     assert out["retrieval"]["recall@5"] == 1.0  # 5 passages: every relevant one is found
     t = out["timings"]
@@ -88,7 +90,9 @@ def test_run_eval_scores_retrieval_and_caches_the_index(dataset: Path,
         assert again["timings"]["ingest_cached"] and again["timings"]["ingest_s"] == 0.0
         assert again["queries"] == 1
         assert again["retrieval"] == {"ndcg@10": 1.0, "recall@1": 1.0, "recall@5": 1.0,
-                                      "recall@10": 1.0, "mrr@10": 1.0}
+                                      "recall@10": 1.0, "mrr@10": 1.0, "hit@1": 1.0,
+                                      "hit@4": 1.0}
+        assert again["ranks"] == {"q1": 1}
     assert json.loads(json.dumps(out)) == out
 
 
