@@ -96,6 +96,26 @@ def test_run_eval_scores_retrieval_and_caches_the_index(dataset: Path,
     assert json.loads(json.dumps(out)) == out
 
 
+def test_a_rebuilt_corpus_is_ingested_again_not_read_from_the_cache(
+        dataset: Path, eval_services: Services) -> None:
+    first = run_eval(eval_services, dataset, None, "fulltext", 3, answer=False)
+    rows = [json.loads(line) for line in (dataset / "corpus.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["_id"] != "chess"]  # a passage gone
+    for r in rows:
+        if r["_id"] == "volcano":  # a passage changed: its old words must not be found
+            r["text"] = "Stromboli is an active volcano in the Aeolian Islands."
+    (dataset / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    again = run_eval(eval_services, dataset, None, "fulltext", 3, answer=False)
+    assert not again["timings"]["ingest_cached"]
+    sources = {d["source"] for d in eval_services.store.documents(first["collection"])}
+    assert "chess.txt" not in sources and "volcano.txt" in sources
+    found = [d.page_content for d in eval_services.retriever(first["collection"]).invoke(
+        "volcano", k=5, mode="fulltext", min_similarity=-1.0)]
+    assert any("Stromboli" in t for t in found) and not any("Sicily" in t for t in found)
+    assert run_eval(eval_services, dataset, None, "fulltext", 3,
+                    answer=False)["timings"]["ingest_cached"]
+
+
 def test_run_eval_refuses_bad_input(dataset: Path, eval_services: Services,
                                     tmp_path: Path) -> None:
     from rag_app.errors import RagError, SettingsError
