@@ -10,7 +10,9 @@ reading them, each with its gold passage named by document and a verbatim snippe
 `build` loads and chunks each document with the product's loader and chunker (the
 embedder's tokenizer, `chunking.*` settings): one BEIR passage per chunk, its title the
 context the embedder sees (document title > heading path), so the set follows the product
-when chunking changes. A question's gold passages are the chunks of its document whose text
+when chunking changes (`rag eval` ingests each passage as a text file: the title line is
+part of the text BM25 reads, as in SciFact and SQuAD, where the product's full-text index
+reads the chunk alone). A question's gold passages are the chunks of its document whose text
 holds its snippet (whitespace-insensitive); a snippet no chunk holds stops the build.
 The questions (benchmarks/realdocs/questions.jsonl) are the project's own; the documents are
 fetched, never committed.
@@ -52,6 +54,9 @@ DOCUMENTS = [
 ]
 MODES = [("vector", None), ("fulltext", None), ("hybrid", "rrf"), ("hybrid", "zscore")]
 _SPACE = re.compile(r"\s+")
+# C0 controls other than tab and line breaks: pypdf leaves a few in amsldoc's text, where
+# they would make `rag eval`'s text loader take the passage for binary and skip it
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
 def squash(text: str) -> str:
@@ -118,9 +123,9 @@ def build(out: Path = OUT) -> None:
     with (out / "corpus.jsonl").open("w", encoding="utf-8") as f:
         for key, chunks in docs.items():
             for i, c in enumerate(chunks):
-                f.write(json.dumps({"_id": passage_id(key, i), "title": c["context"],
-                                    "text": c["text"], "doc": key, "page": c["page"]},
-                                   ensure_ascii=False) + "\n")
+                row = {"_id": passage_id(key, i), "title": c["context"],
+                       "text": _CONTROL.sub(" ", c["text"]), "doc": key, "page": c["page"]}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
     with (out / "queries.jsonl").open("w", encoding="utf-8") as f:
         for q in questions:
             f.write(json.dumps({"_id": q["_id"], "text": q["text"], "kind": q["kind"]},
