@@ -13,7 +13,9 @@ context the embedder sees (document title > heading path), so the set follows th
 when chunking changes (`rag eval` ingests each passage as a text file: the title line is
 part of the text BM25 reads, as in SciFact and SQuAD, where the product's full-text index
 reads the chunk alone). A question's gold passages are the chunks of its document whose text
-holds its snippet (whitespace-insensitive); a snippet no chunk holds stops the build.
+holds its snippet (whitespace-insensitive), or one of its `also` snippets: another passage
+that answers the question in full, found when reading the misses (2 questions); a snippet
+no chunk holds stops the build.
 The questions (benchmarks/realdocs/questions.jsonl) are the project's own; the documents are
 fetched, never committed.
 """
@@ -95,14 +97,18 @@ def chunk_documents() -> dict[str, list[dict[str, Any]]]:
         if not path.is_file():
             raise SystemExit(f"{path} is missing: run `python benchmarks/corpus.py --pdf`")
         doc = load_document(path.read_bytes(), path.name, settings.ingestion)
-        chunks = chunk_blocks(doc.blocks, embedder.count_tokens, size, overlap)
+        # `rag eval` ingests the context line as part of each passage's text: chunks are
+        # made smaller by the longest one, so no passage is cut in two there
+        context = max(embedder.count_tokens(embedding_text(doc.title, b.heading, ""))
+                      for b in doc.blocks)
+        chunks = chunk_blocks(doc.blocks, embedder.count_tokens, size - context - 2, overlap)
         out[key] = [{"text": c.text, "heading": c.heading, "page": c.page,
                      "context": embedding_text(doc.title, c.heading, "").strip()}
                     for c in chunks]
     return out
 
 
-def build(out: Path = OUT) -> None:
+def build(out: Path) -> None:
     """Write the BEIR folder: corpus.jsonl (one passage a chunk), queries.jsonl, qrels."""
     docs = chunk_documents()
     questions = load_questions()
@@ -111,11 +117,13 @@ def build(out: Path = OUT) -> None:
         if q["doc"] not in docs:
             problems.append(f"{q['_id']}: unknown document {q['doc']}")
             continue
-        snippet = squash(q["gold"])
-        gold = [passage_id(q["doc"], i) for i, c in enumerate(docs[q["doc"]])
-                if snippet in squash(c["text"])]
-        if not gold:
-            problems.append(f"{q['_id']}: no chunk of {q['doc']} holds {q['gold']!r}")
+        gold = []
+        for snippet in [q["gold"], *q.get("also", [])]:
+            held = [passage_id(q["doc"], i) for i, c in enumerate(docs[q["doc"]])
+                    if squash(snippet) in squash(c["text"])]
+            if not held:
+                problems.append(f"{q['_id']}: no chunk of {q['doc']} holds {snippet!r}")
+            gold += [pid for pid in held if pid not in gold]
         qrels += [(q["_id"], pid) for pid in gold]
     if problems:
         raise SystemExit("\n".join(problems))
@@ -190,10 +198,11 @@ def main() -> None:
     ap.add_argument("--sets", nargs="+", type=Path, default=[OUT],
                     help="BEIR folders to measure (default: the real-document set); e.g. "
                     f"{EVAL}/squad-dev-500 {EVAL}/scifact/subset_1k")
+    ap.add_argument("--out", type=Path, default=OUT, help="build: the folder to write")
     ap.add_argument("--misses", action="store_true", help="list the questions not at rank 1")
     args = ap.parse_args()
     if args.command == "build":
-        build()
+        build(args.out)
     else:
         measure(args.sets, args.misses)
 
