@@ -107,28 +107,65 @@ class Chunk:
 
 
 def embedding_text(title: str, heading: str, text: str) -> str:
-    """What the embedder sees: the chunk with its document title and heading path."""
-    context = " > ".join(p for p in (title, heading) if p and p != title) or title
-    if heading and heading.startswith(title):
+    """What the embedder sees: the chunk below a line naming where it is, the document's
+    title and heading path ("git-rebase - Reapply commits on top of another base tip >
+    OPTIONS"). The title is left out where the path already starts with it: the path's
+    first part is the title, or the title plus a site suffix ("json — JSON encoder and
+    decoder" of "json — JSON encoder and decoder — Python 3.11.2 documentation")."""
+    top = heading.split(" > ", 1)[0]
+    if not heading:
+        context = title
+    elif not title or heading.startswith(title) or _title_is(top, title):
         context = heading
+    else:
+        context = f"{title} > {heading}"
     return f"{context}\n{text}" if context else text
 
 
-def merge_short_pages(blocks: list[Block], count_tokens: Callable[[str], int],
+def _title_is(top: str, title: str) -> bool:
+    """Is `title` the heading `top`, bar a suffix after a separator (" — Python docs")?"""
+    rest = title[len(top):] if title.startswith(top) else None
+    return rest is not None and (not rest.strip() or rest[:3].strip() in _TITLE_SEPARATORS)
+
+
+_TITLE_SEPARATORS = {"—", "–", "-", "|", ":", "·"}
+
+
+def join_blocks(blocks: list[Block], count_tokens: Callable[[str], int],
                       size_tokens: int) -> list[Block]:
     """Join consecutive pages while they fit in one chunk together (recording the range);
-    a page longer than a chunk always stands alone, so its chunks never span pages."""
+    a page longer than a chunk always stands alone, so its chunks never span pages. Join
+    definition-list entries (`Block.joins`) to the block before them in their section the
+    same way, so chunks end between entries."""
     out: list[Block] = []
+    tokens: list[int] = []  # of each block of `out`
     for b in blocks:
         prev = out[-1] if out else None
-        if (prev is not None and b.page is not None and prev.page is not None
-                and b.start_char == prev.start_char + len(prev.text) + 1
-                and count_tokens(prev.text) + count_tokens(b.text) <= size_tokens):
+        n = count_tokens(b.text)
+        if prev is not None and n + tokens[-1] <= size_tokens and _pages_join(prev, b):
             out[-1] = Block(prev.text + "\n" + b.text, prev.start_char, prev.page,
                             prev.heading, b.page_end or b.page, prev.page_label)
+            tokens[-1] += n
+        elif prev is not None and n + tokens[-1] <= size_tokens and _entries_join(prev, b):
+            shift = len(prev.text) + 2
+            out[-1] = Block(prev.text + "\n\n" + b.text, prev.start_char, heading=prev.heading,
+                            code=prev.code + [(a + shift, z + shift) for a, z in b.code],
+                            joins=prev.joins)
+            tokens[-1] += n
         else:
             out.append(b)
+            tokens.append(n)
     return out
+
+
+def _pages_join(prev: Block, b: Block) -> bool:
+    return (b.page is not None and prev.page is not None
+            and b.start_char == prev.start_char + len(prev.text) + 1)
+
+
+def _entries_join(prev: Block, b: Block) -> bool:
+    return (b.joins and b.page is None and prev.page is None and b.heading == prev.heading
+            and b.start_char == prev.start_char + len(prev.text) + 2)
 
 
 def protect_code(block: Block, count_tokens: Callable[[str], int], size_tokens: int
@@ -178,7 +215,7 @@ def chunk_blocks(
         strip_whitespace=True,
     )
     chunks: list[Chunk] = []
-    for block in merge_short_pages(blocks, count_tokens, size_tokens):
+    for block in join_blocks(blocks, count_tokens, size_tokens):
         # Offsets are found here: the splitter's own add_start_index mixes token counts
         # with character offsets when the length function counts tokens.
         prev_start, prev_end = -1, 0

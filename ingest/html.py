@@ -37,12 +37,24 @@ _SPACES = re.compile(r"[ \t\r\f\v\n]+")
 
 
 def html_blocks(data: bytes) -> tuple[str, list[Block]]:
-    """The page's `<title>` and its main content as blocks split at its headings."""
+    """The page's title (a man page's NAME line, else `<title>`) and its main content as
+    blocks split at its headings."""
     soup = BeautifulSoup(data, "html.parser")
-    title = _inline_text(soup.title) if soup.title else ""
+    title = manpage_name(soup) or (_inline_text(soup.title) if soup.title else "")
     writer = _Writer()
     _walk(main_content(soup), writer)
     return title, writer.finish()
+
+
+def manpage_name(soup: BeautifulSoup) -> str:
+    """An asciidoc man page's NAME line ("git-rebase - Reapply commits on top of another
+    base tip"): it sits in the page's header, outside the main content, and says what the
+    page is about better than its `<title>` ("git-rebase(1)"); "" for other pages."""
+    for h2 in soup.select("#header > h2"):
+        body = h2.find_next_sibling("div")
+        if _inline_text(h2).upper() == "NAME" and body is not None:
+            return _inline_text(body)
+    return ""
 
 
 def main_content(soup: BeautifulSoup) -> Tag:
@@ -75,9 +87,15 @@ def _walk(root: Tag, writer: _Writer) -> None:
         if leaving:
             if name in BLOCK_TAGS:
                 writer.paragraph()
+            if name == "dt":  # a term stays on the line above its description
+                writer.tight = True
             continue
         if name in HEADINGS:
             writer.heading(HEADINGS[name], _inline_text(node))
+        elif name == "dt" and _starts_entry(node):
+            writer.entry()
+            stack.append((node, True))
+            stack.extend((child, False) for child in reversed(node.contents))
         elif name == "pre":
             writer.code(node.get_text())
         elif name == "table" and node.find("pre") is None:
@@ -92,6 +110,13 @@ def _walk(root: Tag, writer: _Writer) -> None:
                 writer.bullet = "- "
             stack.append((node, True))
             stack.extend((child, False) for child in reversed(node.contents))
+
+
+def _starts_entry(dt: Tag) -> bool:
+    """The first term of a definition-list entry (`--autostash` of `--autostash`,
+    `--no-autostash`: one entry with two terms)."""
+    before = dt.find_previous_sibling(True)
+    return before is None or before.name != "dt"
 
 
 def _inline_text(tag: Tag) -> str:
@@ -110,6 +135,10 @@ class _Writer:
         self.code_spans: list[tuple[int, int]] = []
         self.inline: list[str] = []
         self.bullet = ""  # "- " before a list item's first paragraph
+        self.joins = False  # the next block starts an entry of a definition list
+        # the next paragraph goes on the line below the last (a definition-list term's
+        # description), so the splitter, cutting at blank lines first, keeps them together
+        self.tight = False
         self.offset = 0  # of the current block in the document's text (blocks + "\n\n")
 
     def text(self, s: str) -> None:
@@ -126,12 +155,17 @@ class _Writer:
         lines = (re.sub(r" {2,}", " ", line).strip() for line in "".join(self.inline).split("\n"))
         self.inline = []
         text = "\n".join(line for line in lines if line)
-        if text:
+        if text and self.tight and self.paragraphs:
+            self.paragraphs[-1] += "\n" + self.bullet + text
+        elif text:
             self.paragraphs.append(self.bullet + text)
+        if text:
             self.bullet = ""
+            self.tight = False
 
     def code(self, text: str) -> None:
         self.paragraph()
+        self.tight = False
         text = text.strip("\n")
         if text.strip():
             start = self._length()
@@ -149,6 +183,11 @@ class _Writer:
         if title:
             self.path = [(lvl, t) for lvl, t in self.path if lvl < level] + [(level, title)]
 
+    def entry(self) -> None:
+        """A definition-list entry starts: a new block, in the same section."""
+        self._close()
+        self.joins = True
+
     def finish(self) -> list[Block]:
         self._close()
         return self.blocks
@@ -161,6 +200,7 @@ class _Writer:
         if self.paragraphs:
             text = "\n\n".join(self.paragraphs)
             self.blocks.append(Block(text, self.offset, heading=" > ".join(
-                t for _, t in self.path), code=self.code_spans))
+                t for _, t in self.path), code=self.code_spans, joins=self.joins))
             self.offset += len(text) + 2
+            self.joins = False
         self.paragraphs, self.code_spans = [], []

@@ -36,6 +36,10 @@ class Block:
     # (start, end) of each code block in `text`: the chunker cuts one only if it is
     # larger than a chunk
     code: list[tuple[int, int]] = field(default_factory=list)
+    # An entry of a definition list (an option, a function, a glossary term) starts here:
+    # the chunker may put it in one chunk with the block before it (same section) while
+    # both fit, but never cuts an entry that fits in a chunk
+    joins: bool = False
 
 
 @dataclass

@@ -104,17 +104,20 @@ def passage_text(title: str, text: str) -> str:
 
 def ensure_index(services: Services, ds: Dataset, collection: str,
                  progress: Callable[[Any], None] | None = None) -> dict[str, Any]:
-    """Ingest the corpus unless the collection already holds every passage."""
+    """Ingest the corpus unless the collection already holds every passage as it is now:
+    a passage whose text changed (a rebuilt set) is ingested again, one no longer in the
+    corpus is removed, so a cached collection never scores a stale corpus."""
     from ingest.pipeline import SourceFile
 
-    wanted = {pid for pid, (t, x) in ds.corpus.items() if passage_text(t, x).strip()}
-    stored = {s.removesuffix(SUFFIX) for s in services.store.document_hashes(collection)}
-    if wanted <= stored:
+    texts = {pid: passage_text(t, x).encode("utf-8") for pid, (t, x) in ds.corpus.items()
+             if passage_text(t, x).strip()}
+    wanted = {f"{pid}{SUFFIX}": hashlib.sha256(b).hexdigest() for pid, b in texts.items()}
+    stored = services.store.document_hashes(collection)
+    if wanted.items() <= stored.items() and stored.keys() <= wanted.keys():
         return {"cached": True, "ingest_s": 0.0, "failed": 0}
     started = time.perf_counter()
-    files = [SourceFile(f"{pid}{SUFFIX}",
-                        lambda t=title, x=text: passage_text(t, x).encode("utf-8"))
-             for pid, (title, text) in ds.corpus.items() if pid in wanted]
+    services.store.delete_documents(collection, stored.keys() - wanted.keys())
+    files = [SourceFile(f"{pid}{SUFFIX}", lambda b=b: b) for pid, b in texts.items()]
     report = services.ingestor().ingest(files, collection, progress)  # indexes refreshed too
     return {"cached": False, "ingest_s": time.perf_counter() - started,
             "failed": len(report.failed)}
@@ -154,6 +157,8 @@ def run_eval(services: Services, dataset_dir: Path, limit: int | None, mode: str
         ranking = metrics.collapse_to_passages(
             str(d.metadata["source"]).removesuffix(SUFFIX) for d in docs)
         runs.append((ranking, ds.qrels[str(q["_id"])]))
+    ranks = {str(q["_id"]): metrics.first_rank(r, qrels, 10)
+             for q, (r, qrels) in zip(queries, runs, strict=True)}
 
     answers, answer_s, details = None, [], []
     qa = [q for q in queries if q.get("answers")] + refusable
@@ -166,6 +171,7 @@ def run_eval(services: Services, dataset_dir: Path, limit: int | None, mode: str
         "dataset": ds.name, "collection": collection, "mode": mode, "k": k,
         "passages": len(ds.corpus), "queries": len(queries),
         "retrieval": metrics.retrieval_metrics(runs) if runs else None,
+        "ranks": ranks,  # query id -> rank of its first relevant passage (None: not in 10)
         "answers": answers,
         "timings": {
             "ingest_s": index["ingest_s"], "ingest_cached": index["cached"],

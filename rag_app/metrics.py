@@ -54,19 +54,34 @@ def mrr_at_k(ranking: Sequence[str], qrels: Qrels, k: int) -> float:
     return 0.0
 
 
+def first_rank(ranking: Sequence[str], qrels: Qrels, k: int) -> int | None:
+    """1-based rank of the first relevant passage within the top k, else None."""
+    rel = relevant(qrels)
+    return next((i + 1 for i, pid in enumerate(ranking[:k]) if pid in rel), None)
+
+
+def hit_at_k(ranking: Sequence[str], qrels: Qrels, k: int) -> float:
+    """1 when some relevant passage is in the top k (success@k), else 0: what matters when
+    a question has one answer spread over overlapping chunks."""
+    return 0.0 if first_rank(ranking, qrels, k) is None else 1.0
+
+
 def mean(values: Iterable[float]) -> float:
     values = list(values)
     return sum(values) / len(values) if values else 0.0
 
 
 def retrieval_metrics(runs: Sequence[tuple[Sequence[str], Qrels]]) -> dict[str, float]:
-    """Mean nDCG@10, recall@1/5/10 and MRR@10 over (passage ranking, qrels) pairs."""
+    """Mean nDCG@10, recall@1/5/10, MRR@10 and hit@1/4 (some relevant passage in the top 1,
+    top 4: the passages the model is given by default) over (passage ranking, qrels) pairs."""
     return {
         "ndcg@10": mean(ndcg_at_k(r, q, 10) for r, q in runs),
         "recall@1": mean(recall_at_k(r, q, 1) for r, q in runs),
         "recall@5": mean(recall_at_k(r, q, 5) for r, q in runs),
         "recall@10": mean(recall_at_k(r, q, 10) for r, q in runs),
         "mrr@10": mean(mrr_at_k(r, q, 10) for r, q in runs),
+        "hit@1": mean(hit_at_k(r, q, 1) for r, q in runs),
+        "hit@4": mean(hit_at_k(r, q, 4) for r, q in runs),
     }
 
 

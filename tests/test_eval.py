@@ -72,7 +72,9 @@ def test_run_eval_scores_retrieval_and_caches_the_index(dataset: Path,
     assert out["collection"] == collection_name("subset", eval_services)
     assert out["collection"].startswith("eval_subset_") and len(out["collection"]) == 20
     assert out["answers"] is None and out["ingest_failed"] == 0  # the empty one is skipped
-    assert set(out["retrieval"]) == {"ndcg@10", "recall@1", "recall@5", "recall@10", "mrr@10"}
+    assert set(out["retrieval"]) == {"ndcg@10", "recall@1", "recall@5", "recall@10", "mrr@10",
+                                     "hit@1", "hit@4"}
+    assert set(out["ranks"]) == {"q1", "q2", "q3"}
     assert all(0.0 <= v <= 1.0 for v in out["retrieval"].values())
     assert out["retrieval"]["recall@5"] == 1.0  # 5 passages: every relevant one is found
     t = out["timings"]
@@ -88,8 +90,30 @@ def test_run_eval_scores_retrieval_and_caches_the_index(dataset: Path,
         assert again["timings"]["ingest_cached"] and again["timings"]["ingest_s"] == 0.0
         assert again["queries"] == 1
         assert again["retrieval"] == {"ndcg@10": 1.0, "recall@1": 1.0, "recall@5": 1.0,
-                                      "recall@10": 1.0, "mrr@10": 1.0}
+                                      "recall@10": 1.0, "mrr@10": 1.0, "hit@1": 1.0,
+                                      "hit@4": 1.0}
+        assert again["ranks"] == {"q1": 1}
     assert json.loads(json.dumps(out)) == out
+
+
+def test_a_rebuilt_corpus_is_ingested_again_not_read_from_the_cache(
+        dataset: Path, eval_services: Services) -> None:
+    first = run_eval(eval_services, dataset, None, "fulltext", 3, answer=False)
+    rows = [json.loads(line) for line in (dataset / "corpus.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["_id"] != "chess"]  # a passage gone
+    for r in rows:
+        if r["_id"] == "volcano":  # a passage changed: its old words must not be found
+            r["text"] = "Stromboli is an active volcano in the Aeolian Islands."
+    (dataset / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    again = run_eval(eval_services, dataset, None, "fulltext", 3, answer=False)
+    assert not again["timings"]["ingest_cached"]
+    sources = {d["source"] for d in eval_services.store.documents(first["collection"])}
+    assert "chess.txt" not in sources and "volcano.txt" in sources
+    found = [d.page_content for d in eval_services.retriever(first["collection"]).invoke(
+        "volcano", k=5, mode="fulltext", min_similarity=-1.0)]
+    assert any("Stromboli" in t for t in found) and not any("Sicily" in t for t in found)
+    assert run_eval(eval_services, dataset, None, "fulltext", 3,
+                    answer=False)["timings"]["ingest_cached"]
 
 
 def test_run_eval_refuses_bad_input(dataset: Path, eval_services: Services,

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.chunking import chunk_blocks
+from ingest.chunking import chunk_blocks, embedding_text
 from ingest.loaders import load_document, markdown_blocks
 from rag_app.errors import LoaderError
 from rag_app.settings import IngestionSettings
@@ -305,3 +305,63 @@ def test_html_of_navigation_only_says_so() -> None:
     with pytest.raises(LoaderError, match="no text found outside navigation"):
         load_document(b"<nav><a href='/'>Home</a></nav><script>x()</script>", "n.html",
                       LIMITS)
+
+
+def test_a_man_page_is_titled_by_its_name_line_and_every_chunk_is_embedded_under_it() -> None:
+    doc = _load("git-cat-file.html")
+    # the NAME line sits in the page's header, outside #content; <title> is "git-cat-file(1)"
+    assert doc.title == ("git-cat-file - Provide content or type and size information for "
+                         "repository objects")
+    options = next(b for b in doc.blocks if b.heading == "OPTIONS")
+    assert embedding_text(doc.title, options.heading, "-p").startswith(
+        f"{doc.title} > OPTIONS\n")
+
+
+@pytest.mark.parametrize(("title", "heading", "context"), [
+    # a Sphinx page: the path's first part is the title without the site's suffix
+    ("json — JSON encoder and decoder — Python 3.11.2 documentation",
+     "json — JSON encoder and decoder > Basic Usage", "json — JSON encoder and decoder > "
+     "Basic Usage"),
+    ("Guide", "Guide > Install", "Guide > Install"),  # Markdown: the title is the h1
+    ("Introduction to TeX", "Introduction > Boxes", "Introduction to TeX > Introduction > "
+     "Boxes"),  # a heading that only starts like the title is not it
+    ("amsldoc", "", "amsldoc"),  # a PDF: no headings
+    ("", "Usage", "Usage"),
+])
+def test_the_embedder_sees_the_title_unless_the_heading_path_already_names_it(
+        title: str, heading: str, context: str) -> None:
+    assert embedding_text(title, heading, "chunk") == f"{context}\nchunk"
+    assert embedding_text("", "", "chunk") == "chunk"
+
+
+def test_chunks_end_between_definition_list_entries(services) -> None:
+    count = services.embedder.count_tokens
+    html = (b"<html><body><h2>OPTIONS</h2><p>Options of the tool.</p><dl>"
+            b"<dt>--autostash</dt><dt>--no-autostash</dt><dd><p>Create a temporary stash "
+            b"entry before the operation begins.</p></dd>"
+            b"<dt>--quiet</dt><dd><p>Be quiet, only report errors.</p></dd></dl></body></html>")
+    doc = load_document(html, "tool.html", IngestionSettings())
+    # one entry per term group: --autostash and --no-autostash are one entry
+    assert [(b.text.split("\n")[0], b.joins) for b in doc.blocks] == [
+        ("Options of the tool.", False), ("--autostash", True), ("--quiet", True)]
+    # terms on the lines above their description: a cut at blank lines never parts them
+    assert doc.blocks[1].text == ("--autostash\n--no-autostash\nCreate a temporary stash "
+                                  "entry before the operation begins.")
+    whole = chunk_blocks(doc.blocks, count, 200, 32)  # all fit: one chunk, offsets kept
+    assert len(whole) == 1 and whole[0].heading == "OPTIONS"
+    text = "\n\n".join(b.text for b in doc.blocks)
+    assert text[whole[0].start_char:whole[0].end_char] == whole[0].text
+    entry = count(doc.blocks[1].text)
+    small = chunk_blocks(doc.blocks, count, entry + 2, 4)  # room for one entry a chunk
+    assert [c.text for c in small[1:]] == [b.text for b in doc.blocks[1:]]
+
+
+def test_real_options_and_functions_are_never_cut_when_they_fit(services) -> None:
+    count = services.embedder.count_tokens
+    for name in ("git-cat-file.html", "python-json.html"):
+        blocks = _load(name).blocks
+        entries = [b for b in blocks if b.joins and count(b.text) <= 200]
+        assert len(entries) >= 10, name
+        chunks = chunk_blocks(blocks, count, 200, 32)
+        for b in entries:
+            assert any(b.text in c.text for c in chunks), b.text[:60]

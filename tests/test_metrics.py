@@ -9,6 +9,8 @@ from rag_app.metrics import (
     collapse_to_passages,
     contains_gold,
     exact_match,
+    first_rank,
+    hit_at_k,
     is_not_found,
     mrr_at_k,
     ndcg_at_k,
@@ -65,7 +67,15 @@ def test_retrieval_metrics_average_over_queries() -> None:
     out = retrieval_metrics(runs)
     assert out == pytest.approx({
         "ndcg@10": (1 + 1 / math.log2(3)) / 2, "recall@1": 0.5, "recall@5": 1.0,
-        "recall@10": 1.0, "mrr@10": 0.75})
+        "recall@10": 1.0, "mrr@10": 0.75, "hit@1": 0.5, "hit@4": 1.0})
+
+
+def test_hit_at_k_counts_a_query_once_whatever_its_relevant_passages() -> None:
+    qrels = {"a": 1, "b": 1, "c": 0}
+    assert first_rank(["c", "b", "a"], qrels, 10) == 2
+    assert recall_at_k(["b", "x"], qrels, 1) == 0.5 and hit_at_k(["b", "x"], qrels, 1) == 1.0
+    assert hit_at_k(["c", "x", "y", "z", "a"], qrels, 4) == 0.0  # graded 0 is not relevant
+    assert first_rank(["x"], qrels, 10) is None
 
 
 @pytest.mark.parametrize(("text", "expected"), [
