@@ -86,7 +86,7 @@ async def bare_completion(body: ChatRequest, model: BaseChatModel, gate: FairGat
     events = Pump(lambda: generate(model, gate, messages, options))
     reply = Reply(body.model)
     if body.stream:
-        return StreamingResponse(_chunks(events, reply, max_new),
+        return StreamingResponse(sse_stream(_chunks(events, reply, max_new), events),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     pieces: list[str] = []
@@ -108,15 +108,23 @@ async def bare_completion(body: ChatRequest, model: BaseChatModel, gate: FairGat
 
 
 async def _chunks(events: Pump, reply: Reply, max_new: int) -> AsyncIterator[bytes]:
+    yield sse(reply.chunk({"role": "assistant", "content": ""}))
+    async for event in events:
+        if isinstance(event, str):
+            yield sse(reply.chunk({"content": event}))
+        else:
+            yield sse(reply.chunk({}, _finish(event, max_new), usage=_usage(event)))
+
+
+async def sse_stream(body: AsyncIterator[bytes], events: Pump) -> AsyncIterator[bytes]:
+    """`body`'s server-sent events, then [DONE]. After the first byte the status is sent,
+    so an error is an error event (an unexpected one logged, its details kept in the log);
+    whatever ends the stream, the generation thread may stop."""
     try:
-        yield sse(reply.chunk({"role": "assistant", "content": ""}))
-        async for event in events:
-            if isinstance(event, str):
-                yield sse(reply.chunk({"content": event}))
-            else:
-                yield sse(reply.chunk({}, _finish(event, max_new), usage=_usage(event)))
+        async for chunk in body:
+            yield chunk
         yield b"data: [DONE]\n\n"
-    except RagError as e:  # the status is sent: the error is an event
+    except RagError as e:
         yield sse({"error": {"message": str(e), "type": "server_error"}})
     except Exception as e:
         log.error("internal error while streaming", exc_info=e)

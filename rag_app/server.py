@@ -24,7 +24,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from rag_app.bare import BARE_MODEL, bare_completion
+from rag_app.bare import BARE_MODEL, bare_completion, sse_stream
 from rag_app.bare import sse as _sse
 from rag_app.chain import RagAnswer, Waiting, source_json
 from rag_app.chat_model import generation_options
@@ -207,7 +207,7 @@ async def chat_completions(body: ChatRequest, request: Request
     finally:
         if not streaming:  # answered, failed, or the client left: the thread may stop
             events.cancel()
-    return StreamingResponse(_chunks(events, first, reply, max_new),
+    return StreamingResponse(sse_stream(_chunks(events, first, reply, max_new), events),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -215,32 +215,23 @@ async def chat_completions(body: ChatRequest, request: Request
 async def _chunks(events: Pump, first: Any, reply: Reply, max_new: int
                   ) -> AsyncIterator[bytes]:
     """The answer as OpenAI chunks: the role (with the sources), text pieces, the rest of the
-    answer with its finish reason (and `rag`), then [DONE]. Waiting is an SSE comment."""
+    answer with its finish reason (and `rag`); sse_stream adds [DONE]. Waiting is an SSE
+    comment."""
     docs = [source_json(n, d) for n, d in enumerate(first, 1)] if isinstance(first, list) else []
-    try:
-        yield _sse(reply.chunk({"role": "assistant", "content": ""}, sources=docs))
-        streamed: list[str] = []
-        async for event in events:
-            if isinstance(event, Waiting):
-                yield f": waiting for the model, {event.ahead} request(s) ahead\n\n".encode()
-            elif isinstance(event, str):
-                streamed.append(event)
-                yield _sse(reply.chunk({"content": event}))
-            elif isinstance(event, RagAnswer):
-                rest = tail("".join(streamed), event.answer)
-                out = event.to_json()
-                yield _sse(reply.chunk({"content": rest} if rest else {},
-                                       finish_reason(event, max_new),
-                                       sources=out["sources"], rag=out))
-        yield b"data: [DONE]\n\n"
-    except RagError as e:  # after the first byte the status is sent: the error is an event
-        yield _sse({"error": {"message": str(e), "type": "server_error"}})
-    except Exception as e:
-        log.error("internal error while streaming", exc_info=e)
-        yield _sse({"error": {"message": "internal error (the details are in the server's "
-                                         "log)", "type": "server_error"}})
-    finally:
-        events.cancel()
+    yield _sse(reply.chunk({"role": "assistant", "content": ""}, sources=docs))
+    streamed: list[str] = []
+    async for event in events:
+        if isinstance(event, Waiting):
+            yield f": waiting for the model, {event.ahead} request(s) ahead\n\n".encode()
+        elif isinstance(event, str):
+            streamed.append(event)
+            yield _sse(reply.chunk({"content": event}))
+        elif isinstance(event, RagAnswer):
+            rest = tail("".join(streamed), event.answer)
+            out = event.to_json()
+            yield _sse(reply.chunk({"content": rest} if rest else {},
+                                   finish_reason(event, max_new),
+                                   sources=out["sources"], rag=out))
 
 
 # -- search and documents ------------------------------------------------------------------
