@@ -24,11 +24,12 @@ from ingest.parser import Parser
 from ingest.sources import FileResult, Item, SourceFile, expand_zip, uploaded, walk
 from rag_app.embeddings import Embedder
 from rag_app.errors import LoaderError
+from rag_app.originals import UPLOAD_PREFIX, Original
 from rag_app.settings import ChunkSettings, IngestionSettings
 from rag_app.store import ChunkStore
 
-__all__ = ["FileResult", "IngestReport", "Ingestor", "Parser", "SourceFile", "document_rows",
-           "uploaded", "walk"]
+__all__ = ["FileResult", "IngestReport", "IngestStep", "Ingestor", "Parser", "SourceFile",
+           "document_rows", "uploaded", "walk"]
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
 NAME_TAKEN = ("a different document of this name is already in the collection: rename the "
@@ -67,9 +68,24 @@ class _Pending:
     result: FileResult
     rows: list[dict[str, Any]]
     texts: list[str]
+    original: bytes | None = None  # an upload's bytes, kept once its chunks are written
+
+
+@dataclass(frozen=True)
+class IngestStep:
+    """What an ingest is doing between two file results: reading (and parsing) a file
+    (`path`), or embedding a batch of `files` files whose first is `path` (`chunks_done`
+    of `chunks_total`), or writing that batch."""
+
+    stage: str  # reading (and parsing) | embedding | writing
+    path: str
+    files: int = 1
+    chunks_done: int = 0
+    chunks_total: int = 0
 
 
 Progress = Callable[[FileResult], None]
+Steps = Callable[[IngestStep], None]
 
 
 class Ingestor:
@@ -78,9 +94,12 @@ class Ingestor:
     on the first file that needs parsing), chunked and embedded here."""
 
     def __init__(self, embedder: Embedder, store: ChunkStore, chunking: ChunkSettings,
-                 limits: IngestionSettings | None = None, parser: Parser | None = None
-                 ) -> None:
+                 limits: IngestionSettings | None = None, parser: Parser | None = None,
+                 keep_originals_mb: float | None = None) -> None:
+        """`keep_originals_mb`: keep the original bytes of uploads (`upload/NAME`) up to
+        this size in `store.originals`, for opening them at a passage; None keeps none."""
         self.embedder = embedder
+        self.keep_originals_mb = keep_originals_mb
         self.store = store
         self.limits = limits or IngestionSettings()
         self.parser = parser or Parser(self.limits)
@@ -90,9 +109,11 @@ class Ingestor:
 
     def ingest(self, files: Iterable[Item], collection: str, progress: Progress | None = None,
                sync_prefixes: Iterable[str] = (), sync_glob: str | None = None,
-               replace: bool = True) -> IngestReport:
-        """Ingest `files`; with `sync_prefixes`, also remove stored documents under those
-        prefixes that were not seen in `files` (their files are gone): only those the walk
+               replace: bool = True, steps: Steps | None = None) -> IngestReport:
+        """Ingest `files`, calling `progress` with each file's result and `steps` (if
+        given) as each file is read and each embedding batch is done. With
+        `sync_prefixes`, also remove stored documents under those prefixes that were not
+        seen in `files` (their files are gone): only those the walk
         would have selected (`sync_glob`, the walk's pattern) and none under a path that
         failed (an unreadable folder or archive proves nothing gone).
 
@@ -114,14 +135,16 @@ class Ingestor:
             if isinstance(item, FileResult):
                 finish(item)
                 continue
+            if steps:
+                steps(IngestStep("reading", item.source))
             prepared = self._prepare(item, known, seen, replace)
             if isinstance(prepared, FileResult):
                 finish(prepared)
                 continue
             pending.append(prepared)
             if sum(len(p.rows) for p in pending) >= self.limits.batch_chunks:
-                self._flush(collection, pending, finish)
-        self._flush(collection, pending, finish)
+                self._flush(collection, pending, finish, steps)
+        self._flush(collection, pending, finish, steps)
         return self._conclude(collection, report, known, sync_prefixes, sync_glob)
 
     def sync_plan(self, files: Iterable[Item], collection: str, sync_prefixes: Iterable[str],
@@ -197,21 +220,47 @@ class Ingestor:
             seen[file.source] = (digest, str(e))
             return FileResult(file.source, "failed", error=str(e))
         known[file.source] = digest
-        return _Pending(FileResult(file.source, "ingested", chunks=len(rows)), rows, texts)
+        return _Pending(FileResult(file.source, "ingested", chunks=len(rows)), rows, texts,
+                        data if self._keeps(file.source, data) else None)
+
+    def _keeps(self, source: str, data: bytes) -> bool:
+        """Is this the upload of a document whose original is kept?"""
+        return (self.keep_originals_mb is not None and self.store.originals is not None
+                and source.startswith(UPLOAD_PREFIX) and len(data) <= self.keep_originals_mb * MB)
 
     def _flush(self, collection: str, pending: list[_Pending],
-               finish: Callable[[FileResult], None]) -> None:
+               finish: Callable[[FileResult], None], steps: Steps | None = None) -> None:
         if not pending:
             return
-        vectors = self.embedder.embed_documents([t for p in pending for t in p.texts])
+        vectors = self._embed(pending, steps)
         rows = iter(vectors)
         for p in pending:
             for row in p.rows:
                 row["vector"] = next(rows)
+        if steps:
+            steps(IngestStep("writing", pending[0].result.path, len(pending),
+                             len(vectors), len(vectors)))
         self.store.upsert_documents(collection, {p.result.path: p.rows for p in pending})
+        kept = [Original(p.result.path, p.rows[0]["doc_hash"], p.original)
+                for p in pending if p.original is not None and p.rows]
+        if kept and self.store.originals is not None:
+            self.store.originals.put(collection, kept)
         for p in pending:
             finish(p.result)
         pending.clear()
+
+    def _embed(self, pending: list[_Pending], steps: Steps | None) -> list[list[float]]:
+        """The batch's vectors, one embedder batch at a time, so `steps` can follow."""
+        texts = [t for p in pending for t in p.texts]
+        if steps is None:
+            return self.embedder.embed_documents(texts)
+        vectors: list[list[float]] = []
+        step = max(1, self.embedder.batch_size)
+        for start in range(0, len(texts), step):
+            steps(IngestStep("embedding", pending[0].result.path, len(pending), start,
+                             len(texts)))
+            vectors += self.embedder.embed_documents(texts[start:start + step])
+        return vectors
 
     def _rows(self, source: str, data: bytes, digest: str) -> tuple[list[dict], list[str]]:
         doc = self.parser.parse(data, PurePosixPath(source).name)

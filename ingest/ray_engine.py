@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from ingest.pipeline import NAME_TAKEN, Ingestor, IngestReport, Progress, document_rows
+from ingest.pipeline import NAME_TAKEN, Ingestor, IngestReport, Progress, Steps, document_rows
 from ingest.sources import FileResult, Item
 from rag_app.embeddings import Embedder, count_tokens
 from rag_app.errors import ClusterError, LoaderError, MissingDependencyError, RagError
@@ -85,8 +85,9 @@ class RayIngestor(Ingestor):
 
     def ingest(self, files: Iterable[Item], collection: str, progress: Progress | None = None,
                sync_prefixes: Iterable[str] = (), sync_glob: str | None = None,
-               replace: bool = True) -> IngestReport:
-        """As `Ingestor.ingest`; results come out in input order."""
+               replace: bool = True, steps: Steps | None = None) -> IngestReport:
+        """As `Ingestor.ingest`; results come out in input order. `steps` is not called
+        (parsing and embedding run on the cluster): progress comes by file."""
         self._connect()
         workers_read = self._workers_read()
         known = self.store.document_hashes(collection)

@@ -114,7 +114,8 @@ def source_json(n: int, doc: Document) -> dict[str, Any]:
             "page_label": m.get("page_label"), "text": doc.page_content,
             "score": m.get("score"), "similarity": m.get("similarity"),
             "heading": m.get("heading"), "title": m.get("title"),
-            "chunk_index": m.get("chunk_index")}
+            "chunk_index": m.get("chunk_index"), "page_end": m.get("page_end"),
+            "doc_hash": m.get("doc_hash")}
 
 
 class RagChain:

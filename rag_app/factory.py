@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from rag_app.chat_model import LocalChatModel
     from rag_app.embeddings import Embedder
     from rag_app.llm import LocalLM
+    from rag_app.originals import OriginalStore
     from rag_app.remote_llm import RemoteChatModel
     from rag_app.retriever import LanceRetriever
     from rag_app.store import ChunkStore
@@ -48,7 +49,16 @@ class Services:
         # deleting documents loads no model
         return ChunkStore(self.settings.db_uri, self.settings.embedding.model,
                           lambda: self.embedder.dim,
-                          self.settings.index, self.settings.db_storage_options)
+                          self.settings.index, self.settings.db_storage_options,
+                          self.originals)
+
+    @cached_property
+    def originals(self) -> OriginalStore:
+        """Uploads' original bytes, beside the database (opened on first use)."""
+        from rag_app.originals import OriginalStore, originals_uri
+
+        return OriginalStore(originals_uri(self.settings.db_uri),
+                             self.settings.db_storage_options)
 
     @cached_property
     def lm(self) -> LocalLM:
@@ -95,8 +105,10 @@ class Services:
                                self.settings.embedding)
         from ingest.pipeline import Ingestor
 
+        ui = self.settings.ui
         return Ingestor(self.embedder, self.store, self.settings.chunking, ingestion,
-                        self.parser)
+                        self.parser, keep_originals_mb=ui.max_upload_mb if ui.keep_originals
+                        else None)
 
     @cached_property
     def reranker(self) -> Reranker:

@@ -392,6 +392,10 @@ def is_loopback(host: str) -> bool:
 
 class UISettings(BaseModel):
     max_upload_mb: int = Field(50, ge=1, description="Largest file accepted by the uploader.")
+    keep_originals: bool = Field(
+        True, description="Keep each uploaded document's original bytes (up to "
+        "ui.max_upload_mb) in the database, so its source cards open it at the passage; "
+        "they are deleted with the document.")
     port: int = Field(8501, ge=1, le=65535, description="Port of `rag ui`.")
     host: str = Field(
         "127.0.0.1", min_length=1, description="Address `rag ui` listens on. Loopback by "

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lancedb
 import numpy as np
@@ -27,6 +27,9 @@ from rag_app.errors import (
     StoreError,
 )
 from rag_app.settings import MAX_PAGE, IndexSettings
+
+if TYPE_CHECKING:
+    from rag_app.originals import OriginalStore
 
 log = logging.getLogger(__name__)
 SearchMode = Literal["vector", "fulltext", "hybrid"]
@@ -107,11 +110,14 @@ class ChunkStore:
 
     def __init__(self, uri: str, embedding_model: str, dim: int | Callable[[], int],
                  index: IndexSettings | None = None,
-                 storage_options: dict[str, str] | None = None) -> None:
+                 storage_options: dict[str, str] | None = None,
+                 originals: OriginalStore | None = None) -> None:
         """`dim`: the embedder's dimension, or a callable giving it on first need (creating
         a table, checking one built with a model of the same name), so that listing or
-        deleting documents never loads the embedding model."""
+        deleting documents never loads the embedding model. `originals`: where uploads'
+        original bytes are kept; a document's are deleted with it."""
         self.uri = uri
+        self.originals = originals
         self.embedding_model = embedding_model
         self._dim = dim
         self.index = index or IndexSettings()
@@ -277,7 +283,11 @@ class ChunkStore:
             return 0
         where = "source IN (" + ", ".join(sql_string(s) for s in sources) + ")"
         with self.writing(collection):
-            return table.delete(where).num_deleted_rows
+            deleted = table.delete(where).num_deleted_rows
+        if self.originals is not None:  # after the chunks: a failure here leaves unused bytes,
+            # never a card whose original is gone
+            self.originals.delete(collection, sources)
+        return deleted
 
     def refresh_indexes(self, collection: str) -> None:
         """Bring the indexes up to date; cheap when they already are, so callers may call it

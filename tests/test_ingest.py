@@ -501,3 +501,56 @@ def test_page_reference_shows_the_printed_label_only_where_it_differs() -> None:
     assert page_reference(4, "iv") == "p. iv (PDF page 4)"
     assert page_reference(7, "7") == page_reference(7, None) == "p. 7"
     assert page_reference(None, "3") == ""
+
+
+def test_uploads_keep_their_originals_within_the_limit_deleted_with_the_document(
+        services, tmp_path: Path, corpus: Path) -> None:
+    from ingest.pipeline import uploaded
+    from rag_app.originals import NOT_KEPT, OriginalStore, open_source, originals_uri
+
+    originals = OriginalStore(originals_uri(str(tmp_path / "db")))
+    store = ChunkStore(str(tmp_path / "db"), services.embedder.name, services.embedder.dim,
+                       originals=originals)
+    ingestor = Ingestor(services.embedder, store, services.settings.chunking,
+                        keep_originals_mb=0.01)  # 10 KiB
+    small = b"# Notes\n\nThe Zorblat reactor produces 42 gigawatts.\n"
+    big = b"# Big\n\n" + b"A long line of text about reactors.\n" * 400  # 14 KiB
+    steps = []
+    report = ingestor.ingest([uploaded("notes.md", len(small), lambda: small, 1),
+                              uploaded("big.md", len(big), lambda: big, 1),
+                              *walk([corpus / "chunking.md"])], "c", steps=steps.append)
+    assert report.to_json()["ingested"] == 3
+    # each file was reported as it was read, the batch's embedding chunk by chunk
+    assert [s.path for s in steps if s.stage == "reading"] == [
+        "upload/notes.md", "upload/big.md", str((corpus / "chunking.md").resolve())]
+    embedding = [s for s in steps if s.stage == "embedding"]
+    assert embedding and embedding[0].chunks_done == 0 and embedding[0].files == 3
+    assert embedding[-1].chunks_total == report.to_json()["chunks"]
+    # only the upload within the limit is kept; a folder's file is opened from its path
+    assert originals.sources("c") == {"upload/notes.md"}
+    hashes = store.document_hashes("c")
+    opened = open_source(originals, "c", "upload/notes.md", hashes["upload/notes.md"], 2**20)
+    assert opened.data == small and not opened.changed
+    assert open_source(originals, "c", "upload/big.md", None, 2**20).problem == NOT_KEPT
+    on_disk = str((corpus / "chunking.md").resolve())
+    assert open_source(originals, "c", on_disk, hashes[on_disk], 2**20).data == (
+        corpus / "chunking.md").read_bytes()
+    (corpus / "chunking.md").write_text("# Chunking\n\nedited since")
+    assert open_source(originals, "c", on_disk, hashes[on_disk], 2**20).changed
+    (corpus / "chunking.md").unlink()
+    assert "no longer at" in open_source(originals, "c", on_disk, None, 2**20).problem
+    store.delete_documents("c", ["upload/notes.md"])
+    assert originals.sources("c") == set()
+    assert open_source(originals, "c", "upload/notes.md", None, 2**20).problem == NOT_KEPT
+
+
+def test_a_zip_entry_on_disk_opens_from_its_archive(tmp_path: Path) -> None:
+    import zipfile
+
+    from rag_app.originals import open_source
+
+    archive = tmp_path / "notes.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../inner/a.md", "# A\n\ntext")
+    assert open_source(None, "c", f"{archive}/inner/a.md", None, 2**20).data == b"# A\n\ntext"
+    assert "no longer" in open_source(None, "c", f"{archive}/inner/b.md", None, 2**20).problem

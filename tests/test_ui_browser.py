@@ -277,3 +277,32 @@ def test_two_sessions_take_turns_and_the_waiting_one_says_so(page, server: str) 
     # its caption says how long; both got their answers.
     assert sum("for the model" in c for c in captions) == 1, captions
     assert all("tokens/s" in c for c in captions)
+
+
+@pytest.mark.parametrize("server", ["empty"], indirect=True)
+def test_a_pdf_source_opens_at_its_page_with_the_copied_words_marked(
+        page, server: str, shots: Path) -> None:
+    """An uploaded PDF (its original kept): the answer's card opens the cited page, drawn,
+    with the passage shaded and the answer's copied words outlined."""
+    pdf = Path(__file__).resolve().parent / "corpus" / "amsldoc-pages.pdf"
+    page.goto(server + "/documents")
+    page.get_by_text("No documents yet").wait_for(timeout=120_000)
+    page.locator("input[type=file]").set_input_files(str(pdf))
+    page.get_by_role("button", name="Ingest").click()
+    page.get_by_text("1 ingested").wait_for(timeout=120_000)
+    page.goto(server)
+    idle(page)
+    ask(page, "Where can a newer version of the amsmath package be downloaded?")
+    card = (page.get_by_test_id("stChatMessage").last.get_by_test_id("stExpander")
+            .filter(has_text="amsmath.zip").first)
+    # a grounded answer, copied from the card's passage (a link split over two lines)
+    assert "the answer is copied from here" in card.inner_text(), card.inner_text()
+    button = card.get_by_role("button", name=re.compile("Open at"))
+    assert button.inner_text().strip().endswith("p. 1 (PDF page 2)"), button.inner_text()
+    button.click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_text("the passage shaded").wait_for(timeout=60_000)
+    dialog.locator("img").first.wait_for(timeout=30_000)
+    text = dialog.inner_text()
+    assert "p. 1 (PDF page 2)" in text and "copied words outlined (1)" in text, text
+    page.screenshot(path=str(shots / "source.png"), full_page=True)

@@ -76,6 +76,33 @@ def copied(text: str, spans: list[dict[str, Any]]) -> str:
     return "".join(out) + escape_markdown(text[last:])
 
 
+_MARK = {"passage": "yellow-background", "span": "orange-background"}
+
+
+def marked(text: str, marks: list[tuple[int, int, str]]) -> str:
+    """Escape `text` and mark its (start, end, kind) ranges, kind "passage" or "span" (a
+    span wins where both are). Marked line by line: a directive cannot hold a line break."""
+    kinds = [""] * len(text)
+    for kind in ("passage", "span"):
+        for start, end, k in marks:
+            for i in range(max(0, start), min(end, len(text))) if k == kind else ():
+                kinds[i] = kind
+    out, at = [], 0
+    while at < len(text):
+        stop = at
+        while stop < len(text) and kinds[stop] == kinds[at] and text[stop] != "\n":
+            stop += 1
+        if stop == at:  # a line break
+            out.append(escape_markdown(text[at]))
+            at += 1
+            continue
+        piece = escape_markdown(text[at:stop])
+        out.append(f":{_MARK[kinds[at]]}[{piece}]" if kinds[at] and text[at:stop].strip()
+                   else piece)
+        at = stop
+    return "".join(out)
+
+
 def source_title(s: dict[str, Any], cited: bool, matched: bool = False,
                  grounded: bool = False) -> str:
     name = escape_markdown(PurePath(str(s["source"])).name)
@@ -92,9 +119,12 @@ def source_cards(sources: list[dict[str, Any]], cited: list[int], query: str = "
                  matched: list[int] | None = None,
                  spans: list[dict[str, Any]] | None = None) -> None:
     """One card per source; a grounded answer's source opens with the copied words marked,
-    the others with the query's words marked."""
+    the others with the query's words marked. The cards of a finished answer (`spans`
+    given, even empty) each open their document at the passage; those shown while an
+    answer streams do not (a click reruns the page, which would drop the answer)."""
     if not sources:
         return
+    openable = spans is not None
     matched, spans = matched or [], spans or []
     also = f", {len(matched)} matched to the uncited answer" if matched else ""
     if spans:
@@ -110,6 +140,20 @@ def source_cards(sources: list[dict[str, Any]], cited: list[int], query: str = "
                 st.caption(escape_markdown(s["heading"]))
             st.markdown(copied(s["text"], own) if own else highlight(s["text"], query))
             st.caption(escape_markdown(str(s["source"])))
+            if openable:
+                _open_button(s, own, key=f"open-{id(sources)}-{s['n']}")
+
+
+def _open_button(s: dict[str, Any], own: list[dict[str, Any]], key: str) -> None:
+    """Open the card's document at the passage, or say why it cannot be."""
+    from ui import source_view  # the viewer's imports (PDFium) only where cards are opened
+
+    why = source_view.problem(s)
+    if why:
+        st.caption(escape_markdown(f"Cannot be opened: {why}"))
+    elif st.button(source_view.open_label(s), key=key, icon=":material/open_in_new:"):
+        source_view.show(s, [s["text"][x["start"]:x["end"]] for x in own
+                             if x["end"] <= len(s["text"])])
 
 
 def answer_caption(answer: dict[str, Any]) -> None:

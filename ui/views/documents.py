@@ -7,6 +7,7 @@ import streamlit as st
 from ingest.pipeline import FileResult, SourceFile, uploaded
 from rag_app.errors import RagError
 from ui import render, sidebar, state
+from ui.upload_progress import UploadProgress
 
 services = state.services()
 sidebar.render(services)
@@ -25,15 +26,10 @@ replace = st.checkbox("Replace documents of the same name",
 if uploads and st.button("Ingest", type="primary", icon=":material/upload:"):
     files: list[SourceFile | FileResult] = [
         uploaded(up.name, up.size, up.getvalue, settings.ui.max_upload_mb) for up in uploads]
-    bar = st.progress(0.0, text="Ingesting…")
-    done = []
-
-    def progress(result: FileResult) -> None:
-        done.append(result)
-        bar.progress(len(done) / len(files), text=f"{len(done)}/{len(files)} files")
-
+    shown = UploadProgress(len(files))
     try:
-        report = services.ingestor().ingest(files, collection, progress, replace=replace)
+        report = services.ingestor().ingest(files, collection, shown.file_done,
+                                            replace=replace, steps=shown.step)
     except RagError as e:
         st.error(str(e))
         st.stop()
