@@ -23,6 +23,8 @@ from rag_app.citations import match_sources
 from rag_app.grounded import (
     Grounding,
     Span,
+    evidence,
+    focus_sentences,
     locate_span,
     strip_end,
     support,
@@ -64,6 +66,7 @@ NO_PASSAGE = "no passage of your documents is relevant enough to the question"
 NO_ANSWER = "the model found no answer in the passages"
 LOW_CONFIDENCE = "the passage the model copied from is an unlikely answer"
 UNSUPPORTED = "the sentences the model copied from are not about what the question asks"
+NO_EVIDENCE = "no sentence of the passages holds most of what the question asks about"
 FOLLOWS_NOT_FOUND = "it follows a question whose answer is not in your documents"
 
 
@@ -173,9 +176,18 @@ class RagChain:
             yield AIMessageChunk(content=NOT_FOUND, response_metadata={"not_found": True})
             return
         overrides = {k: v for k, v in x.get("generation", {}).items() if v is not None}
-        if generation_options(self.generation, overrides).answer_mode == "grounded":
-            overrides["grounding"] = Grounding([d.page_content for d in x["docs"]],
-                                               [NOT_FOUND], question=x["query"])
+        options = generation_options(self.generation, overrides)
+        if options.answer_mode == "grounded":
+            texts = [d.page_content for d in x["docs"]]
+            held = evidence(x["query"], texts) if options.min_evidence else None
+            if held is not None and held < options.min_evidence:
+                yield AIMessageChunk(content=NOT_FOUND, response_metadata={
+                    "not_found": True, "refusal": NO_EVIDENCE})
+                return
+            focus = focus_sentences(x["query"], texts, options.focus_sentences) if (
+                options.focus_sentences) else None
+            overrides["grounding"] = Grounding(texts, [NOT_FOUND], question=x["query"],
+                                               focus=focus)
         gate = self.chat_model.lm.gate
         ticket = gate.enter()
         entered = time.perf_counter()
@@ -246,7 +258,7 @@ class RagChain:
              "tokens_per_s": meta.get("tokens_per_s", 0.0),
              "total_ms": (time.perf_counter() - started) * 1000})
         if not called:
-            out.refusal = FOLLOWS_NOT_FOUND if orphan else NO_PASSAGE
+            out.refusal = FOLLOWS_NOT_FOUND if orphan else meta.get("refusal", NO_PASSAGE)
         elif options_now.answer_mode == "grounded":
             self._ground(out, options_now)
         else:

@@ -14,7 +14,9 @@ The processor is stateless: it re-derives the matching positions from each row's
 
 from __future__ import annotations
 
+import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,6 +38,9 @@ class Grounding:
     passages: Sequence[str]
     extra: Sequence[str] = ()
     question: str = ""  # for generation.echo_penalty and generation.kind_bias
+    # Per passage, the character ranges an answer may start in (generation.focus_sentences:
+    # the sentences most about the question); None: anywhere.
+    focus: Sequence[Sequence[tuple[int, int]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,24 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase
     return out, {i: b for b, i in out.items()}, max(map(len, out), default=1)
 
 
+def _byte_ranges(text: str, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The character ranges of `text` as byte ranges of its collapsed form (a space, then
+    its words joined by single spaces: `SpanIndex.data`), covering every word that starts
+    in a range and the space before it."""
+    out = []
+    byte = 0  # where the next word's leading space is in the collapsed bytes
+    words = [(m.start(), len(m.group().encode())) for m in re.finditer(r"\S+", text)]
+    starts = []
+    for char, size in words:
+        starts.append((char, byte, byte + 1 + size))
+        byte += 1 + size
+    for a, b in ranges:
+        inside = [(lo, hi) for char, lo, hi in starts if a <= char < b]
+        if inside:
+            out.append((inside[0][0], inside[-1][1]))
+    return out
+
+
 def _wordish(byte: int) -> bool:
     """A letter or digit (any byte of a non-ASCII character counts as one)."""
     return byte >= 0x80 or chr(byte).isalnum()
@@ -89,7 +112,10 @@ class SpanIndex:
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, passages: Sequence[str],
-                 extra: Sequence[str] = ()) -> None:
+                 extra: Sequence[str] = (),
+                 focus: Sequence[Sequence[tuple[int, int]]] | None = None) -> None:
+        """`focus`: per passage, the character ranges of its text an answer may start in
+        (see `focus_sentences`); the extra texts may always be copied."""
         self.data = [(" " + " ".join(t.split())).encode() for t in [*passages, *extra]]
         self.n_passages = len(passages)
         self.by_bytes, self._tokens, self.longest = token_bytes(tokenizer)
@@ -101,6 +127,13 @@ class SpanIndex:
                     self.start_at.append((t, o))
                     if d[o - 1] == 0x20:
                         self.start_at.append((t, o - 1))
+        if focus is not None:
+            spans = [_byte_ranges(text, ranges)
+                     for text, ranges in zip(passages, focus, strict=False)]
+            kept = [(t, o) for t, o in self.start_at if t >= len(spans) or any(
+                a <= o < b for a, b in spans[t])]
+            if any(t < self.n_passages for t, _ in kept):  # else: nothing to focus on
+                self.start_at = kept
         self._memo: dict[tuple[int, ...], list[tuple[int, int]]] = {}
         self.first = torch.tensor(sorted(self._continuing(self.start_at)), dtype=torch.long)
 
@@ -283,6 +316,74 @@ def sentence_of(span: Span, text: str, before: int = 0, after: int = 0) -> str:
     lo = starts[max(0, first - before)]
     hi = starts[last + 1 + after] if last + 1 + after < len(starts) else len(text)
     return text[lo:hi]
+
+
+def _sentences(text: str) -> list[tuple[int, int]]:
+    """The character ranges of `text`'s sentences (a line break ends one too)."""
+    starts = [0, *(m.end() for m in _SENTENCE_END.finditer(text))]
+    ends = [*starts[1:], len(text)]
+    return [(a, b) for a, b in zip(starts, ends, strict=True) if text[a:b].strip()]
+
+
+def _scored_sentences(question: str, passages: Sequence[str], context: float = 0.25
+                      ) -> tuple[list[tuple[int, int, int, set[str]]], list[tuple[float, int]]]:
+    """The passages' sentences (passage, start, end, stems), and (score, index) of each,
+    best first: the rarity-weighted (idf over the passages' sentences) question words a
+    sentence holds, by stem, plus `context` × those only its neighbours hold (two sentences
+    before it, one after, in the same passage: "the game" of a sentence whose subject an
+    earlier one names)."""
+    asked = {_stem(w) for w in content_words(question)}
+    found = [(n, a, b, {_stem(w) for w in content_words(text[a:b])})
+             for n, text in enumerate(passages) for a, b in _sentences(text)]
+    df = Counter(w for *_, words in found for w in words & asked)
+    idf = {w: math.log(1 + len(found) / (1 + df[w])) for w in asked}
+    scored = []
+    for i, (_, _, _, words) in enumerate(found):
+        score = sum(idf[w] for w in asked & words) + context * sum(
+            idf[w] for w in asked & (_near(found, i) - words))
+        scored.append((score, i))
+    return found, sorted(scored, key=lambda x: (-x[0], x[1]))
+
+
+def _near(found: Sequence[tuple[int, int, int, set[str]]], i: int) -> set[str]:
+    """The stems of the two sentences before sentence i and the one after, in its passage."""
+    return set().union(*(found[j][3] for j in range(max(0, i - 2), min(len(found), i + 2))
+                         if j != i and found[j][0] == found[i][0]))
+
+
+def focus_sentences(question: str, passages: Sequence[str], m: int
+                    ) -> list[list[tuple[int, int]]] | None:
+    """The `m` sentences of the passages most about the question (`_scored_sentences`), as
+    character ranges per passage: where a grounded answer may start
+    (generation.focus_sentences). A small model copies well but picks the wrong place in
+    four passages; the sentence that holds the question's rare words mostly holds its
+    answer too (measured: benchmarks/answers.py). None when no sentence holds a question
+    word."""
+    found, best = _scored_sentences(question, passages)
+    best = [(score, i) for score, i in best[:m] if score > 0]
+    if not best:
+        return None
+    out: list[list[tuple[int, int]]] = [[] for _ in passages]
+    for _, i in sorted(best, key=lambda x: x[1]):
+        n, a, b, _ = found[i]
+        out[n].append((a, b))
+    return out
+
+
+def evidence(question: str, passages: Sequence[str]) -> float | None:
+    """How much of the question the passages' best sentence for it (`_scored_sentences`)
+    holds: the share of the question's content words, by stem, in that sentence, the two
+    before it and the one after (generation.min_evidence). Measured on SQuAD, the best
+    sentence of a question whose answer was removed from the documents holds few of its
+    words; an answerable question's holds most. None: the question has no content word."""
+    asked = {_stem(w) for w in content_words(question)}
+    if not asked:
+        return None
+    found, best = _scored_sentences(question, passages)
+    if not best:
+        return 0.0
+    i = best[0][1]
+    return len(asked & (found[i][3] | _near(found, i))) / len(asked)
 
 
 def _stem(word: str) -> str:

@@ -225,7 +225,7 @@ class LocalLM:
         """The grounded mask for this prompt, or nothing (free answers)."""
         if grounding is None:
             return []
-        index = SpanIndex(self.tokenizer, grounding.passages, grounding.extra)
+        index = SpanIndex(self.tokenizer, grounding.passages, grounding.extra, grounding.focus)
         bias: list[tuple[Sequence[int], float]] = []
         if options.echo_penalty and grounding.question:
             bias.append((index.echo_starts(self.tokenizer, grounding.question),

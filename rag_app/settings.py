@@ -147,6 +147,15 @@ class GenerationSettings(BaseModel):
         3.0, ge=0.0, description="Grounded answers: logits added to beginning the answer "
         "with a number or a date when the question plainly asks for one ('How many…', "
         "'When did…', 'In what year…'); 0 = off.")
+    min_evidence: float = Field(
+        0.0, ge=0.0, le=1.0, description="Grounded answers: the share of the question's "
+        "content words that the sources' sentence most about it (with the two before it "
+        "and the one after) must hold; below it the reply is 'not found' without calling "
+        "the model (the documents most likely lack the answer); 0 = off.")
+    focus_sentences: int = Field(
+        0, ge=0, description="Grounded answers: the answer must start in one of the N "
+        "sentences of the sources that hold most of the question's words (weighted by "
+        "rarity), not anywhere in them; 0 = anywhere.")
 
     @model_validator(mode="after")
     def _beams_without_sampling(self) -> GenerationSettings:
@@ -339,6 +348,8 @@ REMOTE_UNSUPPORTED: dict[str, tuple[object, str]] = {
     "min_span_prob": (0.0, "token probabilities (grounded answers)"),
     "echo_penalty": (0.0, "logit penalties (grounded answers)"),
     "kind_bias": (0.0, "logit biases (grounded answers)"),
+    "focus_sentences": (0, "focused copies (grounded answers)"),
+    "min_evidence": (0.0, "the evidence check (grounded answers)"),
     "answer_mode": ("free", "grounded answers (the model copies a passage span: every "
                             "decoding step is constrained, which a model server cannot do)"),
 }

@@ -8,11 +8,13 @@ import random
 
 import pytest
 
-from rag_app.chain import FOLLOWS_NOT_FOUND, UNSUPPORTED, Turn
+from rag_app.chain import FOLLOWS_NOT_FOUND, NO_EVIDENCE, UNSUPPORTED, Turn
 from rag_app.grounded import (
     Grounding,
     SpanIndex,
     answer_kind,
+    evidence,
+    focus_sentences,
     locate_span,
     sentence_of,
     strip_end,
@@ -126,6 +128,32 @@ def test_kind_bias_starts_an_answer_with_what_the_question_asks_for(engines) -> 
     assert gen.text.strip().startswith(("Aug", "2")), gen.text
 
 
+def test_a_focused_answer_starts_in_the_sentences_about_the_question(engines) -> None:
+    from langchain_core.documents import Document
+
+    passages = [" ".join(FACTS[:3]), " ".join(FACTS[3:])]
+    question = "How high above sea level does Kilimanjaro rise?"
+    focus = focus_sentences(question, passages, 1)
+    assert focus is not None and focus[1] == [] and len(focus[0]) == 1, focus
+    a, b = focus[0][0]
+    assert passages[0][a:b].strip() == FACTS[1], passages[0][a:b]
+    assert focus_sentences("Who painted it?", passages, 2) is None  # no word to go by
+    lm = engines["fast"]
+    index = SpanIndex(lm.tokenizer, passages, [NOT_FOUND], focus)
+    everywhere = SpanIndex(lm.tokenizer, passages, [NOT_FOUND])
+    assert 0 < len(index.start_at) < len(everywhere.start_at)
+    starts = {lm.tokenizer.decode([t]).strip() for t in index.first.tolist()}
+    assert {"Mount", "5", "Africa"} <= starts and not starts & {"Eiffel", "GPT", "Honey"}
+    docs = [Document(p, metadata={"source": f"p{i}.txt"}) for i, p in enumerate(passages)]
+    for strategy in ("greedy", "beams"):
+        options = GenerationSettings(max_new_tokens=10, **STRATEGIES[strategy])
+        grounding = Grounding(passages, [NOT_FOUND], question, focus)
+        gen = lm.generate(build_messages(question, docs), options, grounding=grounding)
+        span = locate_span(strip_end(gen.text), [passages[0][a:]])
+        assert strip_end(gen.text) in NOT_FOUND or (span is not None and span.start < b - a), (
+            strategy, gen.text)
+
+
 def test_free_decoding_leaves_the_passages(engines) -> None:
     """The check above can fail: a free answer is not a copy."""
     lm = engines["fast"]
@@ -170,6 +198,32 @@ def test_support_is_how_much_the_copied_sentences_are_about_the_question() -> No
     assert support(span, text, "Who won the coin toss?") == 0.0  # three sentences away
     assert support(span, text, "Who was MVP when fans stayed?") == pytest.approx(2 / 3)
     assert support(span, text, "Who is Cam Newton?") is None  # nothing asked beyond it
+
+
+def test_evidence_is_how_much_of_the_question_its_best_sentence_holds() -> None:
+    text = ("Carolina won the coin toss. Denver kicked off. The game was played in rain. "
+            "Cam Newton was named the MVP of the season. Fans left early. Nobody stayed.")
+    assert evidence("Who was named the season's MVP?", [FACTS[0], text]) == 1.0
+    assert evidence("Who won the toss when Denver kicked off?", [text]) == 1.0  # neighbours
+    assert evidence("Who was the MVP of the 2015 playoffs?", [text]) == pytest.approx(1 / 3)
+    assert evidence("Which quokka won the toss?", [text]) == pytest.approx(2 / 3)
+    assert evidence("What is the capital of Mongolia?", [text]) == 0.0
+    assert evidence("Who is it?", [text]) is None  # no word to go by
+
+
+def test_a_question_its_sources_hold_little_of_is_refused_without_the_model(
+        demo_index, demo_questions) -> None:
+    chain = demo_index.chain()
+    question = demo_questions[2]["question"]  # "How many tokens are in the GPT-2 vocabulary?"
+    out = chain.answer(question, answer_mode="grounded", min_evidence=0.5)
+    assert out.found, out.answer
+    held = evidence(out.query, [d.page_content for d in out.sources])
+    assert held is not None and held >= 0.5
+    asked = f"{question[:-1]} of the Klingon empire?"  # two words no source holds
+    out = chain.answer(asked, answer_mode="grounded", min_evidence=0.9)
+    assert out.sources and not out.found and out.answer == NOT_FOUND, out.answer
+    assert out.refusal == NO_EVIDENCE and "generate_ms" not in out.metadata
+    assert chain.answer(asked, answer_mode="grounded", min_evidence=0.0).found
 
 
 def test_an_answer_from_a_sentence_about_something_else_is_refused(demo_index,
