@@ -186,7 +186,8 @@ class RagChain:
                 return
             focus = focus_sentences(x["query"], texts, options.focus_sentences) if (
                 options.focus_sentences) else None
-            overrides["grounding"] = Grounding(texts, [NOT_FOUND], question=x["query"],
+            extra = [NOT_FOUND] if options.model_refusal else []
+            overrides["grounding"] = Grounding(texts, extra, question=x["query"],
                                                focus=focus)
         gate = self.chat_model.lm.gate
         ticket = gate.enter()

@@ -96,6 +96,16 @@ def _byte_ranges(text: str, ranges: Sequence[tuple[int, int]]) -> list[tuple[int
     return out
 
 
+_JOINERS = frozenset(b"-,.'/:")
+
+
+def _joined(d: bytes, o: int) -> bool:
+    """Byte o continues a word joined by a hyphen, comma, point, apostrophe, slash or colon
+    ("GPT-2", "50,257", "3.14", "Levi's"): not where an answer starts (the "2" of the
+    question's "GPT-2"); no SQuAD-500 gold answer starts there."""
+    return o >= 2 and d[o - 1] in _JOINERS and _wordish(d[o - 2])
+
+
 def _wordish(byte: int) -> bool:
     """A letter or digit (any byte of a non-ASCII character counts as one)."""
     return byte >= 0x80 or chr(byte).isalnum()
@@ -106,8 +116,9 @@ class SpanIndex:
 
     `passages`: texts in source order; `extra`: further allowed texts (the "not found" reply).
     Texts are compared with their whitespace collapsed. An answer starts at a word of a
-    passage, with or without the space before it (a reply's first word has none, so its
-    tokens differ from the passage's: "S" "anta" against " Santa"); every later token must
+    passage (not inside "GPT-2" or "50,257"), with or without the space before it (a
+    reply's first word has none, so its tokens differ from the passage's: "S" "anta"
+    against " Santa"); every later token must
     continue the same text; it may end only where a word ends, so it never stops at "S".
     """
 
@@ -122,7 +133,7 @@ class SpanIndex:
         self.start_at: list[tuple[int, int]] = []  # (text, byte offset) an answer may start at
         for t, d in enumerate(self.data):
             for o in range(1, len(d)):
-                if _wordish(d[o]) and not _wordish(d[o - 1]) or (
+                if _wordish(d[o]) and not _wordish(d[o - 1]) and not _joined(d, o) or (
                         d[o] != 0x20 and d[o - 1] == 0x20):
                     self.start_at.append((t, o))
                     if d[o - 1] == 0x20:

@@ -135,10 +135,12 @@ class GenerationSettings(BaseModel):
         "probability under the model is below this is not trusted, and the reply is "
         "'not found' (0 = off).")
     min_support: float = Field(
-        0.35, ge=0.0, le=1.0, description="Grounded answers: the share of the question's "
+        0.0, ge=0.0, le=1.0, description="Grounded answers: the share of the question's "
         "content words (other than the answer's) that the sentences around the copied "
         "answer must hold; below it the reply is 'not found' (they are about something "
-        "else: the documents most likely lack the answer); 0 = off.")
+        "else: the documents most likely lack the answer); 0 = off, the default: "
+        "generation.min_evidence asks the same of the sources before the model is called "
+        "and refuses far fewer answerable questions.")
     echo_penalty: float = Field(
         0.0, ge=0.0, description="Grounded answers: logits taken off beginning the answer "
         "with a word of the question (a small model tends to copy the question's topic, "
@@ -148,14 +150,19 @@ class GenerationSettings(BaseModel):
         "with a number or a date when the question plainly asks for one ('How many…', "
         "'When did…', 'In what year…'); 0 = off.")
     min_evidence: float = Field(
-        0.0, ge=0.0, le=1.0, description="Grounded answers: the share of the question's "
+        0.4, ge=0.0, le=1.0, description="Grounded answers: the share of the question's "
         "content words that the sources' sentence most about it (with the two before it "
         "and the one after) must hold; below it the reply is 'not found' without calling "
         "the model (the documents most likely lack the answer); 0 = off.")
     focus_sentences: int = Field(
-        0, ge=0, description="Grounded answers: the answer must start in one of the N "
+        2, ge=0, description="Grounded answers: the answer must start in one of the N "
         "sentences of the sources that hold most of the question's words (weighted by "
         "rarity), not anywhere in them; 0 = anywhere.")
+    model_refusal: bool = Field(
+        False, description="Grounded answers: the model may copy the 'not found' reply "
+        "instead of a span. Off: refusals are the relevance floor's and "
+        "generation.min_evidence's, which refuse about as many unanswerable questions "
+        "without refusing answerable ones the model could answer.")
 
     @model_validator(mode="after")
     def _beams_without_sampling(self) -> GenerationSettings:
@@ -350,13 +357,14 @@ REMOTE_UNSUPPORTED: dict[str, tuple[object, str]] = {
     "kind_bias": (0.0, "logit biases (grounded answers)"),
     "focus_sentences": (0, "focused copies (grounded answers)"),
     "min_evidence": (0.0, "the evidence check (grounded answers)"),
+    "model_refusal": (False, "the model's own refusal (grounded answers)"),
     "answer_mode": ("free", "grounded answers (the model copies a passage span: every "
                             "decoding step is constrained, which a model server cannot do)"),
 }
 
 
 # Of those, the ones the local model uses by default: refused for a server only when given.
-ON_BY_DEFAULT = ("top_k", "answer_mode", "kind_bias")
+ON_BY_DEFAULT = ("top_k", "answer_mode", "kind_bias", "focus_sentences", "min_evidence")
 
 
 def remote_decoding_problem(g: GenerationSettings, given: set[str] | frozenset[str]

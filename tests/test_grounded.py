@@ -144,6 +144,11 @@ def test_a_focused_answer_starts_in_the_sentences_about_the_question(engines) ->
     assert 0 < len(index.start_at) < len(everywhere.start_at)
     starts = {lm.tokenizer.decode([t]).strip() for t in index.first.tolist()}
     assert {"Mount", "5", "Africa"} <= starts and not starts & {"Eiffel", "GPT", "Honey"}
+    joined = SpanIndex(lm.tokenizer, ["GPT-2 has 50,257 tokens and ships in 2019."])
+    starts = {lm.tokenizer.decode([t]).strip() for t in joined.first.tolist()}
+    assert {"G", "5", "2", "tokens"} <= starts and not starts & {"-", ",", "7"}, starts
+    assert not joined.matches(tuple(lm.tokenizer.encode("257 tokens", add_special_tokens=False)))
+    assert joined.matches(tuple(lm.tokenizer.encode("50,257 tokens", add_special_tokens=False)))
     docs = [Document(p, metadata={"source": f"p{i}.txt"}) for i, p in enumerate(passages)]
     for strategy in ("greedy", "beams"):
         options = GenerationSettings(max_new_tokens=10, **STRATEGIES[strategy])
